@@ -1,0 +1,196 @@
+"""A peer: one host:port with a DHT member (UDP), a shard server (TCP) and a store.
+
+The UDP and TCP sockets share one port number, so one address names a peer.
+The node id and the shards live in the data directory and survive restarts,
+so a restarted peer owns the same keys and still holds their shards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from collections.abc import Coroutine, Iterable
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from .dht import Contact, Dht, parse_address
+from .hashing import KEY_BYTES
+from .records import RecordStore
+from .replication import complete_owners
+from .server import make_app
+from .settings import Settings
+from .store import ShardStore
+from .transfer import Transfer
+
+__all__ = ["Peer"]
+
+log = logging.getLogger(__name__)
+
+PORT_TRIES = 50
+
+
+class Peer:
+    """A member of the swarm; ``async with Peer(...)`` starts and stops it.
+
+    host: the interface to bind; 127.0.0.1 unless told otherwise.
+    port: the UDP and TCP port; 0 picks a free one (see ``peer.port``).
+    bootstrap: ``HOST:PORT`` strings (or tuples) of peers already in the swarm.
+    capacity: most bytes of shards to hold; ``None`` means the free disk space.
+    """
+
+    def __init__(
+        self,
+        data_dir: str | os.PathLike[str],
+        host: str = "127.0.0.1",
+        port: int = 0,
+        bootstrap: Iterable[str | tuple[str, int]] = (),
+        settings: Settings | None = None,
+        capacity: int | None = None,
+    ) -> None:
+        self.data_dir = Path(data_dir)
+        self.host = host
+        self.requested_port = port
+        self.bootstrap_addresses = [
+            parse_address(b) if isinstance(b, str) else b for b in bootstrap
+        ]
+        self.settings = settings or Settings()
+        self.store = ShardStore(self.data_dir, capacity=capacity)
+        self.records = RecordStore(self.data_dir / "records.msgpack")
+        self.dht = Dht(self.settings, self._load_node_id(), self.records)
+        self.transfer = Transfer(self.settings)
+        self._runner: web.AppRunner | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._started = False
+
+    # --- identity ---------------------------------------------------------
+
+    def _load_node_id(self) -> bytes:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        path = self.data_dir / "node_id"
+        if path.exists():
+            node_id = bytes.fromhex(path.read_text().strip())
+            if len(node_id) == KEY_BYTES:
+                return node_id
+            log.warning("replacing malformed node id in %s", path)
+        node_id = os.urandom(KEY_BYTES)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(node_id.hex() + "\n")
+        os.replace(tmp, path)
+        return node_id
+
+    @property
+    def node_id(self) -> bytes:
+        return self.dht.node.id
+
+    @property
+    def port(self) -> int:
+        return self.dht.port
+
+    @property
+    def address(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    @property
+    def contact(self) -> Contact:
+        return Contact(self.node_id, self.host, self.port)
+
+    # --- lifecycle --------------------------------------------------------
+
+    async def __aenter__(self) -> Peer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        """Open the store, bind both sockets, then join the swarm."""
+        await asyncio.to_thread(self.store.open)
+        self.records.load()
+        await self.transfer.__aenter__()
+        try:
+            sock = await self._bind()
+            self._runner = web.AppRunner(make_app(self), access_log=None)
+            await self._runner.setup()
+            await web.SockSite(self._runner, sock).start()
+            self._started = True
+            await self.dht.bootstrap(self.bootstrap_addresses)
+        except BaseException:
+            await self.stop()
+            raise
+        log.info("peer %s up at %s", self.node_id.hex()[:12], self.address)
+
+    async def _bind(self) -> socket.socket:
+        """Bind UDP (DHT) and TCP (HTTP) on one port number."""
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        for _ in range(PORT_TRIES if self.requested_port == 0 else 1):
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((self.host, self.requested_port))
+                port = sock.getsockname()[1]
+                await self.dht.start(self.host, port)
+            except OSError:
+                sock.close()
+                if self.requested_port:
+                    raise
+                continue
+            sock.listen(128)
+            sock.setblocking(False)
+            return sock
+        raise OSError(f"no port free for both UDP and TCP on {self.host}")
+
+    async def stop(self) -> None:
+        """Stop serving, cancel background work and close every socket."""
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        await self.dht.stop()
+        await self.transfer.close()
+        if self._started:
+            log.info("peer %s stopped", self.address)
+        self._started = False
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Run background work owned by this peer (cancelled on stop)."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("background task failed: %r", task.exception())
+
+    async def wait_idle(self) -> None:
+        """Wait until the background work running now has finished."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    # --- duties -----------------------------------------------------------
+
+    def replicate_later(self, shard_id: str, replicas: int) -> None:
+        """Complete the set of ``replicas`` owners of a shard in the background."""
+        self.spawn(
+            complete_owners(self.dht, self.transfer, self.store, shard_id, replicas)
+        )
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "id": self.node_id.hex(),
+            "host": self.host,
+            "port": self.port,
+            "shards": len(self.store),
+            "bytes": self.store.total_bytes,
+            "records": len(self.records.all()),
+            "contacts": len(self.dht.contacts()),
+        }

@@ -1,0 +1,204 @@
+"""Publishing: cut a checkpoint into shards, place them, then bind the name.
+
+The pipeline reads, hashes and uploads a bounded number of shards at a time,
+so memory stays near ``upload_concurrency * shard_size`` whatever the model's
+size. The manifest is stored only after every shard is acknowledged, and the
+name record only after the manifest is: a name never points at missing data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .chunking import plan_blob, plan_tensors
+from .dht import Dht
+from .errors import ManifestError
+from .formats.checkpoint import SourceFile, scan_path
+from .formats.safetensors import SafetensorsHeader, build_header
+from .hashing import check_name, hash_bytes
+from .manifest import Chunk, FileEntry, Manifest
+from .records import NameRecord, new_record
+from .replication import store_first, store_on_owners
+from .settings import Settings
+from .transfer import Transfer
+
+__all__ = ["ARRAYS_FILE", "PublishResult", "publish"]
+
+log = logging.getLogger(__name__)
+
+ARRAYS_FILE = "model.safetensors"  # the file a dict of arrays is published as
+UPLOAD_CONCURRENCY = 4
+
+Progress = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class PublishResult:
+    name: str
+    version: int
+    manifest: str
+    files: int
+    tensors: int
+    bytes: int
+    shards: int
+    seconds: float
+    record: NameRecord
+
+
+class _Reader:
+    """Reads byte ranges of one source file's data region (blocking)."""
+
+    def __init__(
+        self,
+        path: str | None = None,
+        offset: int = 0,
+        arrays: list[np.ndarray] | None = None,
+    ) -> None:
+        self.path = path
+        self.offset = offset
+        self.pieces: list[memoryview] = []
+        self.starts: list[int] = []
+        position = 0
+        for array in arrays or []:
+            self.starts.append(position)
+            view = memoryview(array.reshape(-1).view(np.uint8))
+            self.pieces.append(view)
+            position += len(view)
+
+    def read(self, start: int, end: int) -> bytes:
+        if self.path is not None:
+            return _pread_exact(self.path, self.offset + start, end - start)
+        out = bytearray()
+        for base, piece in zip(self.starts, self.pieces):
+            lo, hi = max(start, base), min(end, base + len(piece))
+            if lo < hi:
+                out += piece[lo - base : hi - base]
+        return bytes(out)
+
+
+def _pread_exact(path: str, offset: int, length: int) -> bytes:
+    with open(path, "rb") as handle:
+        data = os.pread(handle.fileno(), length, offset)
+    if len(data) != length:
+        raise OSError(f"{path} changed while it was being published")
+    return data
+
+
+def _open_source(
+    source: str | os.PathLike[str] | Mapping[str, np.ndarray],
+) -> tuple[str, list[tuple[SourceFile, _Reader]]]:
+    if isinstance(source, Mapping):
+        header, arrays = build_header(source)
+        entry = SourceFile(ARRAYS_FILE, header.data_offset + header.data_size, header)
+        return "arrays", [(entry, _Reader(arrays=arrays))]
+    kind, files = scan_path(Path(source))
+    readers = []
+    for f in files:
+        offset = f.header.data_offset if f.header is not None else 0
+        readers.append((f, _Reader(path=f.abs_path, offset=offset)))
+    return kind, readers
+
+
+def _plan(f: SourceFile, shard_size: int) -> list[tuple[int, int]]:
+    header: SafetensorsHeader | None = f.header
+    if header is None:
+        return plan_blob(f.size, shard_size)
+    ranges = [(t.start, t.end) for t in header.tensors]
+    return plan_tensors(ranges, header.data_size, shard_size)
+
+
+async def publish(
+    dht: Dht,
+    transfer: Transfer,
+    settings: Settings,
+    source: str | os.PathLike[str] | Mapping[str, np.ndarray],
+    name: str,
+    asynchronous: bool = False,
+    progress: Progress | None = None,
+) -> PublishResult:
+    """Publish ``source`` (a path or a dict of arrays) under ``name``."""
+    check_name(name)
+    began = time.monotonic()
+    kind, sources = await asyncio.to_thread(_open_source, source)
+    plans = [_plan(f, settings.shard_size) for f, _ in sources]
+    uploads: dict[str, asyncio.Task[None]] = {}
+    gate = asyncio.Semaphore(UPLOAD_CONCURRENCY)
+
+    async def place(shard_id: str, data: bytes) -> None:
+        if asynchronous:
+            await store_first(dht, transfer, shard_id, data, settings.replicas)
+        else:
+            await store_on_owners(
+                dht, transfer, shard_id, data, settings.replicas, settings.quorum
+            )
+
+    async with asyncio.TaskGroup() as group:
+
+        async def one(reader: _Reader, start: int, end: int) -> Chunk:
+            async with gate:
+                data = await asyncio.to_thread(reader.read, start, end)
+                shard_id = await asyncio.to_thread(hash_bytes, data)
+                task = uploads.get(shard_id)
+                if task is None:  # identical bytes elsewhere in the model: once
+                    task = group.create_task(place(shard_id, data))
+                    uploads[shard_id] = task
+                await task
+            if progress is not None:
+                progress(end - start)
+            return Chunk(shard_id, end - start)
+
+        chunk_tasks = [
+            [group.create_task(one(reader, s, e)) for s, e in plan]
+            for (_, reader), plan in zip(sources, plans)
+        ]
+    files = tuple(
+        FileEntry(f.path, f.size, f.header, tuple(t.result() for t in tasks))
+        for (f, _), tasks in zip(sources, chunk_tasks)
+    )
+    manifest = Manifest(kind, settings.shard_size, settings.replicas, files)
+    record = await _bind_name(dht, transfer, settings, name, manifest)
+    result = PublishResult(
+        name=name,
+        version=record.version,
+        manifest=record.manifest,
+        files=len(files),
+        tensors=len(manifest.tensors()),
+        bytes=manifest.total_size,
+        shards=len(manifest.shards()),
+        seconds=time.monotonic() - began,
+        record=record,
+    )
+    log.info(
+        "published %s v%d: %d bytes in %d shards",
+        name,
+        result.version,
+        result.bytes,
+        result.shards,
+    )
+    return result
+
+
+async def _bind_name(
+    dht: Dht, transfer: Transfer, settings: Settings, name: str, manifest: Manifest
+) -> NameRecord:
+    data = manifest.encode()
+    if len(data) > settings.max_manifest_size:
+        raise ManifestError(f"manifest of {len(data)} bytes exceeds the limit")
+    manifest_id = hash_bytes(data)
+    # The manifest is always written synchronously: without it nothing loads.
+    await store_on_owners(
+        dht, transfer, manifest_id, data, settings.replicas, settings.quorum
+    )
+    current = await dht.get_record(name)
+    version = current.version + 1 if current is not None else 1
+    record = new_record(name, manifest_id, len(data), version, manifest.total_size)
+    await dht.put_record(record)
+    return record

@@ -1,0 +1,149 @@
+"""The HTTP side of a peer: serves and accepts shard bytes.
+
+Routes (ids are checked against one strict pattern before anything else runs):
+
+- ``GET|HEAD /v1/shards/{id}``: the shard's bytes (Range supported, sendfile).
+  A shard is hash-checked once before this process first serves it; a shard
+  that fails is quarantined and answered 404, never served.
+- ``PUT /v1/shards/{id}``: a streamed upload, hashed on the way in and committed
+  only if it matches: 201 created, 200 already held, 400 wrong bytes or length,
+  411 no length, 413 too large, 507 no room. ``X-P2PShard-Replicas: K`` asks the
+  peer to complete the set of K owners itself, in the background.
+- ``POST /v1/shards/has``: msgpack list of ids in, the subset held out.
+- ``GET /v1/shards``: msgpack list of ``[id, size]`` held.
+- ``GET /v1/records``: name records held, as JSON.
+- ``GET /v1/status`` and ``GET /v1/peers``: JSON about this peer and its contacts.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import msgpack
+from aiohttp import web
+
+from .errors import HashMismatchError, ShardTooLargeError, StoreFullError
+from .hashing import ID_PATTERN
+
+if TYPE_CHECKING:
+    from .peer import Peer
+
+__all__ = ["REPLICATE_HEADER", "make_app"]
+
+log = logging.getLogger(__name__)
+
+REPLICATE_HEADER = "X-P2PShard-Replicas"
+MAX_HAS_IDS = 100_000
+BODY_CHUNK = 1024 * 1024
+
+PEER_KEY = web.AppKey("peer", object)
+
+
+def make_app(peer: Peer) -> web.Application:
+    app = web.Application(client_max_size=8 * 1024 * 1024)
+    app[PEER_KEY] = peer
+    app.router.add_get("/v1/shards/{id}", get_shard)  # also answers HEAD
+    app.router.add_put("/v1/shards/{id}", put_shard)
+    app.router.add_post("/v1/shards/has", has_shards)
+    app.router.add_get("/v1/shards", list_shards)
+    app.router.add_get("/v1/records", list_records)
+    app.router.add_get("/v1/status", status)
+    app.router.add_get("/v1/peers", peers)
+    return app
+
+
+def _peer(request: web.Request) -> Peer:
+    return request.app[PEER_KEY]  # type: ignore[return-value]
+
+
+def _shard_id(request: web.Request) -> str:
+    shard_id = request.match_info["id"]
+    if not ID_PATTERN.match(shard_id):
+        raise web.HTTPBadRequest(text="invalid shard id\n")
+    return shard_id
+
+
+async def get_shard(request: web.Request) -> web.StreamResponse:
+    shard_id = _shard_id(request)
+    store = _peer(request).store
+    if shard_id not in store:
+        raise web.HTTPNotFound(text="shard not held\n")
+    try:
+        path = await store.verified_path(shard_id)
+    except HashMismatchError:
+        log.warning("shard %s failed its hash check and was quarantined", shard_id)
+        raise web.HTTPNotFound(text="shard not held\n") from None
+    except FileNotFoundError:
+        store.quarantine(shard_id)
+        raise web.HTTPNotFound(text="shard not held\n") from None
+    return web.FileResponse(path, chunk_size=BODY_CHUNK)
+
+
+async def put_shard(request: web.Request) -> web.Response:
+    shard_id = _shard_id(request)
+    peer = _peer(request)
+    size = request.content_length
+    if size is None:
+        raise web.HTTPLengthRequired(text="Content-Length required\n")
+    replicas = _replicas_header(request)
+    try:
+        created = await peer.store.put_stream(
+            shard_id, size, request.content.iter_chunked(BODY_CHUNK)
+        )
+    except ShardTooLargeError as exc:
+        raise web.HTTPRequestEntityTooLarge(
+            max_size=exc.limit, actual_size=exc.size, text=f"{exc}\n"
+        ) from None
+    except StoreFullError as exc:
+        raise web.HTTPInsufficientStorage(text=f"{exc}\n") from None
+    except HashMismatchError as exc:
+        raise web.HTTPBadRequest(text=f"{exc}\n") from None
+    except ValueError as exc:
+        raise web.HTTPBadRequest(text=f"{exc}\n") from None
+    if replicas:
+        peer.replicate_later(shard_id, replicas)
+    return web.Response(status=201 if created else 200)
+
+
+def _replicas_header(request: web.Request) -> int:
+    text = request.headers.get(REPLICATE_HEADER)
+    if text is None:
+        return 0
+    if not text.isdigit() or not 1 <= int(text) <= 64:
+        raise web.HTTPBadRequest(text=f"{REPLICATE_HEADER} must be 1..64\n")
+    return int(text)
+
+
+async def has_shards(request: web.Request) -> web.Response:
+    store = _peer(request).store
+    try:
+        ids = msgpack.unpackb(await request.read(), raw=False)
+    except Exception:  # msgpack raises several unrelated types
+        raise web.HTTPBadRequest(text="body must be a msgpack list of ids\n") from None
+    if not isinstance(ids, list) or len(ids) > MAX_HAS_IDS:
+        raise web.HTTPBadRequest(text="body must be a msgpack list of ids\n")
+    held = [i for i in ids if isinstance(i, str) and i in store]
+    return web.Response(body=msgpack.packb(held), content_type="application/msgpack")
+
+
+async def list_shards(request: web.Request) -> web.Response:
+    items = [[i, size] for i, size in _peer(request).store.items()]
+    return web.Response(body=msgpack.packb(items), content_type="application/msgpack")
+
+
+async def list_records(request: web.Request) -> web.Response:
+    records = [r.to_json() for r in _peer(request).dht.records.all()]
+    return web.json_response(records)
+
+
+async def status(request: web.Request) -> web.Response:
+    return web.json_response(_peer(request).status())
+
+
+async def peers(request: web.Request) -> web.Response:
+    peer = _peer(request)
+    contacts = [peer.dht.me, *peer.dht.contacts()]
+    return web.json_response(
+        [{"id": c.id.hex(), "host": c.host, "port": c.port} for c in contacts if c]
+    )

@@ -1,0 +1,60 @@
+"""Tunables shared by peers and clients, with what each one means."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["MIB", "Settings"]
+
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob of p2pshard in one place; the defaults suit a LAN cluster.
+
+    replicas: k, the number of peers (the k closest to a shard's key) that hold
+        each shard.
+    write_quorum: replicas that must acknowledge each shard before a synchronous
+        publish returns; ``None`` means all ``replicas``.
+    shard_size: largest shard a publish cuts, in bytes. Large enough that the
+        per-request cost vanishes, small enough to spread and retry cheaply.
+    dht_ksize: kademlia bucket size and lookup width (k of the paper).
+    dht_alpha: parallel queries per lookup round.
+    record_replicas: peers (closest to the name's key) that store a name record.
+    rpc_timeout: seconds to wait for one DHT datagram answer.
+    connect_timeout: seconds to open an HTTP connection to a peer.
+    read_timeout: seconds allowed between two bytes of an HTTP body; a peer that
+        stalls longer is abandoned and the shard retried elsewhere.
+    request_timeout: seconds for a whole shard request, as a last resort.
+    fetch_concurrency: shard requests a load keeps in flight at once.
+    per_peer_connections: keep-alive connections a client opens to one peer.
+    max_manifest_size: largest manifest accepted from the network.
+    """
+
+    replicas: int = 3
+    write_quorum: int | None = None
+    shard_size: int = 16 * MIB
+    dht_ksize: int = 20
+    dht_alpha: int = 3
+    record_replicas: int = 8
+    rpc_timeout: float = 2.0
+    connect_timeout: float = 3.0
+    read_timeout: float = 10.0
+    request_timeout: float = 120.0
+    fetch_concurrency: int = 8
+    per_peer_connections: int = 4
+    max_manifest_size: int = 64 * MIB
+
+    def __post_init__(self) -> None:
+        if self.replicas < 1:
+            raise ValueError("replicas must be at least 1")
+        quorum = self.quorum
+        if not 1 <= quorum <= self.replicas:
+            raise ValueError("write_quorum must be between 1 and replicas")
+        if self.shard_size < 1:
+            raise ValueError("shard_size must be positive")
+
+    @property
+    def quorum(self) -> int:
+        return self.replicas if self.write_quorum is None else self.write_quorum
