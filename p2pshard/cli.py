@@ -79,24 +79,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="interface (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=0, help="UDP+TCP port (0: any free)")
     p.add_argument("--data", required=True, metavar="DIR", help="data directory")
-    p.add_argument("--capacity", type=_positive, metavar="BYTES", help="most bytes held")
+    p.add_argument(
+        "--capacity", type=_positive, metavar="BYTES", help="most bytes held"
+    )
     swarm(p, required=False)
 
     p = command("publish", "publish a safetensors file or a model directory")
     p.add_argument("path")
     p.add_argument("--name", required=True)
-    p.add_argument("--async", dest="asynchronous", action="store_true",
-                   help="return after one copy of each shard; peers copy the rest")
+    p.add_argument(
+        "--async",
+        dest="asynchronous",
+        action="store_true",
+        help="return after one copy of each shard; peers copy the rest",
+    )
     p.add_argument("--quorum", type=_positive, help="replicas to wait for (default k)")
-    p.add_argument("--shard-size", type=_positive, default=16, metavar="MIB",
-                   help="largest shard in MiB (default 16)")
+    p.add_argument(
+        "--shard-size",
+        type=_positive,
+        default=16,
+        metavar="MIB",
+        help="largest shard in MiB (default 16)",
+    )
     swarm(p)
 
     p = command("load", "load a model into a file or directory")
     p.add_argument("name")
     p.add_argument("--out", required=True, metavar="PATH")
-    p.add_argument("--tensors", nargs="+", metavar="GLOB",
-                   help="only tensors matching these patterns (one safetensors file)")
+    p.add_argument(
+        "--tensors",
+        nargs="+",
+        metavar="GLOB",
+        help="only tensors matching these patterns (one safetensors file)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing PATH")
     swarm(p)
 
@@ -144,11 +159,15 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 @contextlib.contextmanager
-def _progress(args: argparse.Namespace, total: int, what: str) -> Iterator[Callable[[int], None]]:
+def _progress(
+    args: argparse.Namespace, total: int, what: str
+) -> Iterator[Callable[[int], None]]:
     if args.json or not sys.stderr.isatty():
         yield lambda n: None
         return
-    with tqdm(total=total, unit="B", unit_scale=True, desc=what, file=sys.stderr) as bar:
+    with tqdm(
+        total=total, unit="B", unit_scale=True, desc=what, file=sys.stderr
+    ) as bar:
         yield bar.update
 
 
@@ -156,20 +175,28 @@ def _progress(args: argparse.Namespace, total: int, what: str) -> Iterator[Calla
 
 
 async def cmd_peer(args: argparse.Namespace) -> None:
-    peer = Peer(args.data, args.host, args.port, args.bootstrap, _settings(args),
-                args.capacity)
+    peer = Peer(
+        args.data, args.host, args.port, args.bootstrap, _settings(args), args.capacity
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     async with peer:
-        ready = {"event": "ready", "address": peer.address, "id": peer.node_id.hex(),
-                 "shards": len(peer.store)}
+        ready = {
+            "event": "ready",
+            "address": peer.address,
+            "id": peer.node_id.hex(),
+            "shards": len(peer.store),
+        }
         if args.json:
             print(json.dumps(ready), flush=True)
         else:
-            print(f"peer {ready['id'][:12]} ready at {peer.address} "
-                  f"holding {ready['shards']} shards", flush=True)
+            print(
+                f"peer {ready['id'][:12]} ready at {peer.address} "
+                f"holding {ready['shards']} shards",
+                flush=True,
+            )
         await stop.wait()
     return None
 
@@ -181,8 +208,9 @@ async def cmd_publish(args: argparse.Namespace) -> dict[str, Any]:
     total = sum(f.size for f in files)
     async with Client(args.bootstrap, _settings(args)) as client:
         with _progress(args, total, "publish") as progress:
-            result = await client.publish(args.path, args.name, args.asynchronous,
-                                          progress)
+            result = await client.publish(
+                args.path, args.name, args.asynchronous, progress
+            )
     out = {
         "name": result.name,
         "version": result.version,
@@ -206,8 +234,9 @@ async def cmd_load(args: argparse.Namespace) -> dict[str, Any]:
     async with Client(args.bootstrap, _settings(args)) as client:
         record = await client.resolve(args.name)
         with _progress(args, record.size, "load") as progress:
-            stats = await client.load_to(args.name, args.out, args.tensors,
-                                         args.overwrite, progress)
+            stats = await client.load_to(
+                args.name, args.out, args.tensors, args.overwrite, progress
+            )
     out: dict[str, Any] = stats.to_json()
     out["out"] = args.out
     out["_text"] = (
@@ -224,8 +253,9 @@ async def cmd_ls(args: argparse.Namespace) -> dict[str, Any]:
         records = await client.list()
     rows = [r.to_json() for r in records]
     lines = [f"{'NAME':40} {'VERSION':>7} {'SIZE':>12}  MANIFEST"]
-    lines += [f"{r.name:40} {r.version:>7} {r.size:>12}  {r.manifest[:16]}"
-              for r in records]
+    lines += [
+        f"{r.name:40} {r.version:>7} {r.size:>12}  {r.manifest[:16]}" for r in records
+    ]
     return {"models": rows, "_text": "\n".join(lines)}
 
 
@@ -238,7 +268,9 @@ async def cmd_status(args: argparse.Namespace) -> dict[str, Any]:
         f"{'PEER':24} {'SHARDS':>7} {'BYTES':>14}",
     ]
     for row in state["peer_list"]:
-        lines.append(f"{row['host']}:{row['port']:<14} {row['shards']:>7} {row['bytes']:>14}")
+        lines.append(
+            f"{row['host']}:{row['port']:<14} {row['shards']:>7} {row['bytes']:>14}"
+        )
     state["_text"] = "\n".join(lines)
     return state
 

@@ -297,3 +297,19 @@ class OutputExistsError(P2PShardError, FileExistsError):
     def __init__(self, path: str) -> None:
         super().__init__(f"{path} already exists (pass overwrite to replace it)")
         self.path = path
+
+
+def first_error(group: BaseExceptionGroup) -> BaseException:
+    """The error to report from a TaskGroup's group: its first p2pshard error if
+    any (the cause a caller can act on), else its first leaf."""
+    leaves: list[BaseException] = []
+
+    def walk(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                walk(inner)
+        else:
+            leaves.append(exc)
+
+    walk(group)
+    return next((e for e in leaves if isinstance(e, P2PShardError)), leaves[0])

@@ -35,6 +35,7 @@ from .errors import (
     NameNotFoundError,
     NoTensorMatchError,
     OutputExistsError,
+    first_error,
 )
 from .formats.safetensors import TensorInfo, tensor_view, write_file
 from .hashing import shard_key
@@ -145,9 +146,12 @@ class Loader:
             if self.progress is not None:
                 self.progress(len(view))
 
-        async with asyncio.TaskGroup() as group:
-            for shard_id in wanted:
-                group.create_task(one(shard_id))
+        try:
+            async with asyncio.TaskGroup() as group:
+                for shard_id in wanted:
+                    group.create_task(one(shard_id))
+        except BaseExceptionGroup as group_error:
+            raise first_error(group_error) from None
         self.stats.shards += len(wanted)
 
     def _finish(self, tensors: int, nbytes: int) -> LoadStats:

@@ -20,7 +20,7 @@ import numpy as np
 
 from .chunking import plan_blob, plan_tensors
 from .dht import Dht
-from .errors import ManifestError
+from .errors import ManifestError, first_error
 from .formats.checkpoint import SourceFile, scan_path
 from .formats.safetensors import SafetensorsHeader, build_header
 from .hashing import check_name, hash_bytes
@@ -115,6 +115,71 @@ def _plan(f: SourceFile, shard_size: int) -> list[tuple[int, int]]:
     return plan_tensors(ranges, header.data_size, shard_size)
 
 
+class _Uploader:
+    """Reads, hashes and places shards, a bounded number at a time."""
+
+    def __init__(
+        self,
+        dht: Dht,
+        transfer: Transfer,
+        settings: Settings,
+        asynchronous: bool,
+        progress: Progress | None,
+    ) -> None:
+        self.dht = dht
+        self.transfer = transfer
+        self.settings = settings
+        self.asynchronous = asynchronous
+        self.progress = progress
+        self.gate = asyncio.Semaphore(UPLOAD_CONCURRENCY)
+        self.uploads: dict[str, asyncio.Task[None]] = {}
+
+    async def run(
+        self, sources: list[tuple[SourceFile, _Reader]]
+    ) -> tuple[FileEntry, ...]:
+        async with asyncio.TaskGroup() as self.group:
+            tasks = [
+                [
+                    self.group.create_task(self.chunk(reader, start, end))
+                    for start, end in _plan(f, self.settings.shard_size)
+                ]
+                for f, reader in sources
+            ]
+        return tuple(
+            FileEntry(f.path, f.size, f.header, tuple(t.result() for t in file_tasks))
+            for (f, _), file_tasks in zip(sources, tasks)
+        )
+
+    async def chunk(self, reader: _Reader, start: int, end: int) -> Chunk:
+        async with self.gate:
+            data = await asyncio.to_thread(reader.read, start, end)
+            shard_id = await asyncio.to_thread(hash_bytes, data)
+            task = self.uploads.get(shard_id)
+            if task is None:  # identical bytes elsewhere in the model: once
+                task = self.group.create_task(self.place(shard_id, data))
+                self.uploads[shard_id] = task
+            await task
+        if self.progress is not None:
+            self.progress(end - start)
+        return Chunk(shard_id, end - start)
+
+    async def place(self, shard_id: str, data: bytes) -> None:
+        settings = self.settings
+        if self.asynchronous:
+            await store_first(
+                self.dht, self.transfer, shard_id, data, settings.replicas
+            )
+        else:
+            await store_on_owners(
+                self.dht,
+                self.transfer,
+                shard_id,
+                data,
+                settings.replicas,
+                settings.quorum,
+            )
+
+
 async def publish(
     dht: Dht,
     transfer: Transfer,
@@ -128,41 +193,11 @@ async def publish(
     check_name(name)
     began = time.monotonic()
     kind, sources = await asyncio.to_thread(_open_source, source)
-    plans = [_plan(f, settings.shard_size) for f, _ in sources]
-    uploads: dict[str, asyncio.Task[None]] = {}
-    gate = asyncio.Semaphore(UPLOAD_CONCURRENCY)
-
-    async def place(shard_id: str, data: bytes) -> None:
-        if asynchronous:
-            await store_first(dht, transfer, shard_id, data, settings.replicas)
-        else:
-            await store_on_owners(
-                dht, transfer, shard_id, data, settings.replicas, settings.quorum
-            )
-
-    async with asyncio.TaskGroup() as group:
-
-        async def one(reader: _Reader, start: int, end: int) -> Chunk:
-            async with gate:
-                data = await asyncio.to_thread(reader.read, start, end)
-                shard_id = await asyncio.to_thread(hash_bytes, data)
-                task = uploads.get(shard_id)
-                if task is None:  # identical bytes elsewhere in the model: once
-                    task = group.create_task(place(shard_id, data))
-                    uploads[shard_id] = task
-                await task
-            if progress is not None:
-                progress(end - start)
-            return Chunk(shard_id, end - start)
-
-        chunk_tasks = [
-            [group.create_task(one(reader, s, e)) for s, e in plan]
-            for (_, reader), plan in zip(sources, plans)
-        ]
-    files = tuple(
-        FileEntry(f.path, f.size, f.header, tuple(t.result() for t in tasks))
-        for (f, _), tasks in zip(sources, chunk_tasks)
-    )
+    uploader = _Uploader(dht, transfer, settings, asynchronous, progress)
+    try:
+        files = await uploader.run(sources)
+    except BaseExceptionGroup as group:
+        raise first_error(group) from None
     manifest = Manifest(kind, settings.shard_size, settings.replicas, files)
     record = await _bind_name(dht, transfer, settings, name, manifest)
     result = PublishResult(

@@ -36,6 +36,32 @@ class PeerError(Exception):
     """One peer failed one request; internal, turned into failover."""
 
 
+class NotHeld(PeerError):
+    """The peer answered that it does not hold the shard: no fault of its own."""
+
+
+class _ShardPayload(aiohttp.payload.Payload):
+    """A request body sent from a buffer in slices, so flow control applies
+    between slices and the buffer is never copied."""
+
+    def __init__(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data).cast("B")
+        super().__init__(view, content_type="application/octet-stream")
+        self._size = len(view)
+
+    def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
+        raise TypeError("shard bytes are binary")
+
+    async def write(self, writer: Any) -> None:
+        await self.write_with_length(writer, None)
+
+    async def write_with_length(self, writer: Any, content_length: int | None) -> None:
+        view: memoryview = self._value
+        end = len(view) if content_length is None else min(len(view), content_length)
+        for start in range(0, end, BODY_CHUNK):
+            await writer.write(view[start : min(start + BODY_CHUNK, end)])
+
+
 class Transfer:
     """An HTTP client to the swarm's peers; use as an async context manager."""
 
@@ -97,7 +123,8 @@ class Transfer:
                 await self._get(contact, shard_id, dest)
             except (PeerError, aiohttp.ClientError, TimeoutError, OSError) as exc:
                 failures[contact.address] = str(exc) or type(exc).__name__
-                self.faults[contact.address] += 1
+                if not isinstance(exc, NotHeld):
+                    self.faults[contact.address] += 1
                 log.debug("shard %s from %s failed: %r", shard_id, contact.address, exc)
                 continue
             finally:
@@ -118,6 +145,8 @@ class Transfer:
         url = f"{contact.url}/v1/shards/{shard_id}"
         hasher = Hasher(max_threads=1)
         async with self.session.get(url) as resp:
+            if resp.status == 404:
+                raise NotHeld("not held")
             if resp.status != 200:
                 raise PeerError(f"HTTP {resp.status}")
             if resp.content_length is not None and resp.content_length != size:
@@ -150,11 +179,12 @@ class Transfer:
         ``replicas`` > 0 asks the peer to complete that many owners itself.
         Raises PeerError (or aiohttp/timeout errors) on failure.
         """
-        headers = {"Content-Type": "application/octet-stream"}
+        headers = {}
         if replicas:
             headers[REPLICATE_HEADER] = str(replicas)
         url = f"{contact.url}/v1/shards/{shard_id}"
-        async with self.session.put(url, data=data, headers=headers) as resp:
+        payload = _ShardPayload(data)
+        async with self.session.put(url, data=payload, headers=headers) as resp:
             text = await resp.text()
             if resp.status not in (200, 201):
                 raise PeerError(f"HTTP {resp.status}: {text.strip()}")

@@ -33,7 +33,9 @@ class Swarm:
         if data_dir is None:
             data_dir = self.root / f"peer{self._count}"
             self._count += 1
-        peer = Peer(data_dir, bootstrap=self.bootstrap, settings=self.settings, **kwargs)
+        peer = Peer(
+            data_dir, bootstrap=self.bootstrap, settings=self.settings, **kwargs
+        )
         await peer.start()
         self.peers.append(peer)
         return peer
