@@ -24,8 +24,8 @@ __all__ = [
     "shard_key",
 ]
 
-ID_PATTERN = re.compile(r"^[0-9a-f]{64}$")
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@+-]{0,199}$")
+ID_PATTERN = re.compile(r"[0-9a-f]{64}")
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/:@+-]{0,199}")
 KEY_BYTES = 20  # kademlia's routing table spans 2**160 ids
 
 Hasher = blake3.blake3
@@ -40,14 +40,14 @@ def hash_bytes(data: bytes | bytearray | memoryview) -> str:
 
 def check_id(shard_id: object) -> str:
     """Return ``shard_id`` if it is a well-formed id, else raise InvalidIdError."""
-    if not isinstance(shard_id, str) or not ID_PATTERN.match(shard_id):
+    if not isinstance(shard_id, str) or not ID_PATTERN.fullmatch(shard_id):
         raise InvalidIdError(f"invalid shard id {shard_id!r}")
     return shard_id
 
 
 def check_name(name: object) -> str:
     """Return ``name`` if it is a valid model name, else raise InvalidNameError."""
-    if not isinstance(name, str) or not NAME_PATTERN.match(name) or ".." in name:
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name) or ".." in name:
         raise InvalidNameError(
             f"invalid model name {name!r}: use 1-200 characters from "
             "letters, digits and ._/:@+- starting with a letter or digit"

@@ -119,14 +119,15 @@ class Manifest:
             return _from_doc(doc)
         except ManifestError:
             raise
-        except (P2PShardError, KeyError, TypeError, ValueError) as exc:
+        except (P2PShardError, KeyError, TypeError, ValueError, RecursionError) as exc:
             raise ManifestError(f"invalid manifest: {exc}") from exc
 
 
 def _from_doc(doc: Any) -> Manifest:
     if not isinstance(doc, dict):
         raise ManifestError("manifest must be a map")
-    if doc.get("format") != FORMAT or doc.get("version") != VERSION:
+    version = doc.get("version")
+    if doc.get("format") != FORMAT or type(version) is not int or version != VERSION:
         raise ManifestError("not a p2pshard manifest of a known version")
     if doc.get("hash") != "blake3":
         raise ManifestError(f"unknown hash algorithm {doc.get('hash')!r}")
@@ -143,7 +144,7 @@ def _from_doc(doc: Any) -> Manifest:
         raise ManifestError("manifest lists a path twice")
     _check_no_prefix_clash(paths)
     created = doc.get("created")
-    if not isinstance(created, (int, float)):
+    if isinstance(created, bool) or not isinstance(created, (int, float)):
         raise ManifestError("manifest created must be a number")
     return Manifest(doc["source"], shard_size, replicas, entries, float(created))
 

@@ -59,7 +59,7 @@ def _peer(request: web.Request) -> Peer:
 
 def _shard_id(request: web.Request) -> str:
     shard_id = request.match_info["id"]
-    if not ID_PATTERN.match(shard_id):
+    if not ID_PATTERN.fullmatch(shard_id):
         raise web.HTTPBadRequest(text="invalid shard id\n")
     return shard_id
 

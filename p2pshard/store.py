@@ -93,6 +93,9 @@ class ShardStore:
         except ValueError:
             log.warning("ignoring stray file %s", path)
             return
+        if path != self.path(shard_id, size):  # e.g. "<id>.05" or a wrong folder
+            log.warning("ignoring misplaced file %s", path)
+            return
         try:
             actual = path.stat().st_size
             with open(path, "rb"):
@@ -194,6 +197,9 @@ class ShardStore:
         """
         check_id(shard_id)
         if shard_id in self._sizes and self._sizes[shard_id] == size:
+            with contextlib.suppress(HashMismatchError, FileNotFoundError):
+                await self.verified_path(shard_id)  # a bad copy is quarantined
+        if shard_id in self._verified and self._sizes.get(shard_id) == size:
             async for _ in chunks:  # drain, so the sender sees a normal answer
                 pass
             return False

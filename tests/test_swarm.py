@@ -126,10 +126,17 @@ async def test_lying_peer_is_detected_and_skipped(
             path.write_bytes(bytes(data))
             lied += 1
     assert lied > 0
+    victim = next(i for i in manifest.shards() if i in liar.store)
+    others = [p.contact for p in swarm.peers if victim in p.store and p is not liar]
+    buffer = bytearray(manifest.shards()[victim])
     async with swarm.client() as client:
+        # Ask the liar first: its bytes fail the hash, the next replica serves.
+        used = await client.transfer.fetch_into(
+            victim, [liar.contact, *others], memoryview(buffer)
+        )
+        assert used != liar.contact
+        assert client.transfer.faults[liar.address] == 1
         assert_same(await client.load("acme/tiny"), arrays)
-        faults = client.transfer.faults
-    assert faults.get(liar.address, 0) >= 1
 
 
 async def test_restarted_peer_keeps_identity_and_shards(

@@ -193,7 +193,7 @@ def _load_json(raw: bytes, source: str) -> dict[str, Any]:
         doc = json.loads(
             text, object_pairs_hook=_unique_object, parse_constant=_reject_constant
         )
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise HeaderError(f"{_where(source)}header is not valid JSON: {exc}") from exc
     if not isinstance(doc, dict):
         raise HeaderError(
