@@ -196,7 +196,7 @@ class Client:
                 continue
             state, shards = answer
             rows.append(state)
-            for shard_id, _ in shards:
+            for shard_id, *_ in shards:
                 holders.setdefault(shard_id, set()).add(contact.id)
         live = [c for c, a in zip(peers, answers) if not isinstance(a, BaseException)]
         short = 0

@@ -187,7 +187,11 @@ class Dht:
         self.router = _Table(self.protocol, settings.dht_ksize, self.node)
         self.host = ""
         self.port = 0
+        # Membership hooks: a peer seen for the first time, a peer that stopped
+        # answering. A leaving peer no longer counts itself among the owners.
         self.on_contact: Callable[[Contact], None] | None = None
+        self.on_lost: Callable[[Contact], None] | None = None
+        self.leaving = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self._seeds: list[Node] = []
 
@@ -239,10 +243,20 @@ class Dht:
         result = await self.protocol.call((contact.host, contact.port), name, *args)
         node = Node(contact.id, contact.host, contact.port)
         if result is None:
+            was_known = not self.router.is_new_node(node)
             self.router.remove_contact(node)
+            if was_known and self.on_lost is not None:
+                self.on_lost(contact)
         else:
             self._welcome(node)
         return result
+
+    async def find_node(self, contact: Contact, key: bytes) -> list[Contact] | None:
+        """Ask one peer for the peers it knows closest to ``key``; None if silent."""
+        answer = await self._call(contact, "find_node", self._my_id, key)
+        if answer is None:
+            return None
+        return [Contact.of(n) for n in _parse_nodes(answer)]
 
     async def ping(self, contact: Contact) -> bool:
         return await self._call(contact, "ping", self._my_id) is not None
@@ -299,7 +313,8 @@ class Dht:
         alive: dict[bytes, Node] = {}
         if self.is_peer:
             known.pop(self.node.id, None)
-            alive[self.node.id] = Node(self.node.id, self.host, self.port)
+            if not self.leaving:
+                alive[self.node.id] = Node(self.node.id, self.host, self.port)
         failed: set[bytes] = set()
         hops = 0
         while True:

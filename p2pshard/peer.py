@@ -20,6 +20,7 @@ from aiohttp import web
 from .dht import Contact, Dht, parse_address
 from .hashing import KEY_BYTES
 from .records import RecordStore
+from .repair import Repairer, RepairStats
 from .replication import complete_owners
 from .server import make_app
 from .settings import Settings
@@ -62,8 +63,11 @@ class Peer:
         self.records = RecordStore(self.data_dir / "records.msgpack")
         self.dht = Dht(self.settings, self._load_node_id(), self.records)
         self.transfer = Transfer(self.settings)
+        self.repairer = Repairer(self)
+        self.scrub_failures = 0
         self._runner: web.AppRunner | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._replications: set[asyncio.Task[Any]] = set()
         self._started = False
 
     # --- identity ---------------------------------------------------------
@@ -121,8 +125,13 @@ class Peer:
             self._started = True
             await self.dht.bootstrap(self.bootstrap_addresses)
         except BaseException:
-            await self.stop()
+            await self.stop(handoff=False)
             raise
+        self.dht.on_contact = self.repairer.poke
+        self.dht.on_lost = self.repairer.poke
+        self.spawn(self.repairer.run())
+        if self.settings.scrub_rate > 0:
+            self.spawn(self.repairer.scrub())
         log.info("peer %s up at %s", self.node_id.hex()[:12], self.address)
 
     async def _bind(self) -> socket.socket:
@@ -145,12 +154,16 @@ class Peer:
             return sock
         raise OSError(f"no port free for both UDP and TCP on {self.host}")
 
-    async def stop(self) -> None:
-        """Stop serving, cancel background work and close every socket."""
+    async def stop(self, handoff: bool = True) -> None:
+        """Leave the swarm: hand shards over (unless ``handoff`` is False, which
+        is what a crash looks like to the others), then stop serving, cancel
+        background work and close every socket."""
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if handoff and self._started:
+            await self._handoff()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -160,37 +173,79 @@ class Peer:
             log.info("peer %s stopped", self.address)
         self._started = False
 
-    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+    async def _handoff(self) -> None:
+        try:
+            stats = await asyncio.wait_for(
+                self.repairer.repair_once(leaving=True), self.settings.handoff_timeout
+            )
+        except TimeoutError:
+            log.warning(
+                "hand-off did not finish in %.0f s", self.settings.handoff_timeout
+            )
+            return
+        try:
+            await asyncio.wait_for(
+                self.repairer.republish_records(), self.settings.handoff_timeout
+            )
+        except TimeoutError:
+            log.warning("records not all handed off")
+        log.info("handed off %d copies (%d bytes)", stats.pushed, stats.bytes_pushed)
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         """Run background work owned by this peer (cancelled on stop)."""
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
+        return task
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.warning("background task failed: %r", task.exception())
 
-    async def wait_idle(self) -> None:
-        """Wait until the background work running now has finished."""
-        while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+    async def wait_replicated(self) -> None:
+        """Wait until the owner sets this peer is completing now are complete."""
+        while self._replications:
+            await asyncio.gather(*list(self._replications), return_exceptions=True)
 
     # --- duties -----------------------------------------------------------
 
     def replicate_later(self, shard_id: str, replicas: int) -> None:
         """Complete the set of ``replicas`` owners of a shard in the background."""
-        self.spawn(
+        task = self.spawn(
             complete_owners(self.dht, self.transfer, self.store, shard_id, replicas)
         )
+        self._replications.add(task)
+        task.add_done_callback(self._replications.discard)
+
+    async def repair_once(self) -> RepairStats:
+        """Run one repair pass now (see :mod:`p2pshard.repair`)."""
+        return await self.repairer.repair_once()
+
+    async def republish_records(self) -> int:
+        """Store every name record held here on the peers now closest to it."""
+        return await self.repairer.republish_records()
 
     def status(self) -> dict[str, Any]:
+        last = self.repairer.last
         return {
             "id": self.node_id.hex(),
             "host": self.host,
             "port": self.port,
             "shards": len(self.store),
             "bytes": self.store.total_bytes,
+            "cached_bytes": self.store.cached_bytes,
             "records": len(self.records.all()),
             "contacts": len(self.dht.contacts()),
+            "repair_passes": self.repairer.passes,
+            "last_repair": None
+            if last is None
+            else {
+                "checked": last.checked,
+                "pushed": last.pushed,
+                "bytes_pushed": last.bytes_pushed,
+                "failed": last.failed,
+                "seconds": round(last.seconds, 3),
+            },
+            "scrub_failures": self.scrub_failures,
         }

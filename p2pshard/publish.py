@@ -26,7 +26,7 @@ from .formats.safetensors import SafetensorsHeader, build_header
 from .hashing import check_name, hash_bytes
 from .manifest import Chunk, FileEntry, Manifest
 from .records import NameRecord, new_record
-from .replication import store_first, store_on_owners
+from .replication import offer_record, store_first, store_on_owners
 from .settings import Settings
 from .transfer import Transfer
 
@@ -229,11 +229,15 @@ async def _bind_name(
         raise ManifestError(f"manifest of {len(data)} bytes exceeds the limit")
     manifest_id = hash_bytes(data)
     # The manifest is always written synchronously: without it nothing loads.
-    await store_on_owners(
+    holders = await store_on_owners(
         dht, transfer, manifest_id, data, settings.replicas, settings.quorum
     )
     current = await dht.get_record(name)
     version = current.version + 1 if current is not None else 1
     record = new_record(name, manifest_id, len(data), version, manifest.total_size)
     await dht.put_record(record)
+    # The manifest's owners hold the record too and republish it, so the name
+    # outlives the peers closest to its key.
+    encoded = record.encode()
+    await asyncio.gather(*(offer_record(transfer, c, encoded) for c in holders))
     return record

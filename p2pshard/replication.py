@@ -19,7 +19,7 @@ from .hashing import shard_key
 from .store import ShardStore
 from .transfer import PeerError, Transfer
 
-__all__ = ["complete_owners", "store_first", "store_on_owners"]
+__all__ = ["complete_owners", "offer_record", "store_first", "store_on_owners"]
 
 log = logging.getLogger(__name__)
 
@@ -111,3 +111,14 @@ async def complete_owners(
         if isinstance(result, BaseException):
             log.debug("copy of %s to %s failed: %r", shard_id, contact.address, result)
     return sum(1 for r in results if not isinstance(r, BaseException))
+
+
+async def offer_record(transfer: Transfer, contact: Contact, data: bytes) -> bool:
+    """Ask one peer to hold a name record too (it republishes what it holds)."""
+    url = f"{contact.url}/v1/records"
+    try:
+        async with transfer.session.post(url, data=data) as resp:
+            return resp.status == 200
+    except PUT_ERRORS as exc:
+        log.debug("record offer to %s failed: %s", contact.address, exc)
+        return False

@@ -10,8 +10,12 @@ Routes (ids are checked against one strict pattern before anything else runs):
   411 no length, 413 too large, 507 no room. ``X-P2PShard-Replicas: K`` asks the
   peer to complete the set of K owners itself, in the background.
 - ``POST /v1/shards/has``: msgpack list of ids in, the subset held out.
-- ``GET /v1/shards``: msgpack list of ``[id, size]`` held.
-- ``GET /v1/records``: name records held, as JSON.
+- ``GET /v1/shards``: msgpack list of ``[id, size, cached]`` held (``cached``:
+  no longer owned here, kept until room is needed).
+- ``POST /v1/shards/fetch``: msgpack list of ``[id, size]`` this peer should
+  hold but lacks (a loader found the gap): it fetches them from replicas.
+- ``GET /v1/records``: name records held, as JSON; ``POST /v1/records``: one
+  msgpack-encoded record to hold (kept only if valid and newer).
 - ``GET /v1/status`` and ``GET /v1/peers``: JSON about this peer and its contacts.
 """
 
@@ -24,7 +28,8 @@ import msgpack
 from aiohttp import web
 
 from .errors import HashMismatchError, ShardTooLargeError, StoreFullError
-from .hashing import ID_PATTERN
+from .hashing import ID_PATTERN, name_key
+from .records import NameRecord, RecordError
 
 if TYPE_CHECKING:
     from .peer import Peer
@@ -46,8 +51,10 @@ def make_app(peer: Peer) -> web.Application:
     app.router.add_get("/v1/shards/{id}", get_shard)  # also answers HEAD
     app.router.add_put("/v1/shards/{id}", put_shard)
     app.router.add_post("/v1/shards/has", has_shards)
+    app.router.add_post("/v1/shards/fetch", fetch_shards)
     app.router.add_get("/v1/shards", list_shards)
     app.router.add_get("/v1/records", list_records)
+    app.router.add_post("/v1/records", offer_record)
     app.router.add_get("/v1/status", status)
     app.router.add_get("/v1/peers", peers)
     return app
@@ -117,10 +124,7 @@ def _replicas_header(request: web.Request) -> int:
 
 async def has_shards(request: web.Request) -> web.Response:
     store = _peer(request).store
-    try:
-        ids = msgpack.unpackb(await request.read(), raw=False)
-    except Exception:  # msgpack raises several unrelated types
-        raise web.HTTPBadRequest(text="body must be a msgpack list of ids\n") from None
+    ids = await _msgpack_body(request)
     if not isinstance(ids, list) or len(ids) > MAX_HAS_IDS:
         raise web.HTTPBadRequest(text="body must be a msgpack list of ids\n")
     held = [i for i in ids if isinstance(i, str) and i in store]
@@ -128,8 +132,49 @@ async def has_shards(request: web.Request) -> web.Response:
 
 
 async def list_shards(request: web.Request) -> web.Response:
-    items = [[i, size] for i, size in _peer(request).store.items()]
+    store = _peer(request).store
+    items = [[i, size, store.is_cached(i)] for i, size in store.items()]
     return web.Response(body=msgpack.packb(items), content_type="application/msgpack")
+
+
+async def fetch_shards(request: web.Request) -> web.Response:
+    peer = _peer(request)
+    wanted = await _msgpack_body(request)
+    if not isinstance(wanted, list) or len(wanted) > MAX_HAS_IDS:
+        raise web.HTTPBadRequest(text="body must be a msgpack list of [id, size]\n")
+    pulls = []
+    for entry in wanted:
+        if (
+            not isinstance(entry, list)
+            or len(entry) != 2
+            or not isinstance(entry[0], str)
+            or not ID_PATTERN.fullmatch(entry[0])
+            or type(entry[1]) is not int
+            or not 0 <= entry[1] <= peer.store.max_shard_size
+        ):
+            raise web.HTTPBadRequest(text="body must be a msgpack list of [id, size]\n")
+        pulls.append((entry[0], entry[1]))
+    if pulls:
+        peer.spawn(peer.repairer.pull(pulls))
+    return web.Response(status=202)
+
+
+async def offer_record(request: web.Request) -> web.Response:
+    peer = _peer(request)
+    data = await request.read()
+    try:
+        record = NameRecord.decode(data)
+        kept = peer.records.offer(name_key(record.name), data)
+    except RecordError as exc:
+        raise web.HTTPBadRequest(text=f"{exc}\n") from None
+    return web.json_response({"kept": kept})
+
+
+async def _msgpack_body(request: web.Request) -> object:
+    try:
+        return msgpack.unpackb(await request.read(), raw=False)
+    except Exception:  # msgpack raises several unrelated types
+        raise web.HTTPBadRequest(text="body must be msgpack\n") from None
 
 
 async def list_records(request: web.Request) -> web.Response:

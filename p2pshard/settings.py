@@ -30,6 +30,15 @@ class Settings:
     fetch_concurrency: shard requests a load keeps in flight at once.
     per_peer_connections: keep-alive connections a client opens to one peer.
     max_manifest_size: largest manifest accepted from the network.
+    repair_interval: seconds between a peer's repair passes (jittered by 20%).
+    repair_delay: seconds a peer waits after a membership change (or its start)
+        before a pass, so a burst of changes costs one pass.
+    repair_rate: bytes per second a peer may push or pull for repair; loads are
+        never rate-limited.
+    scrub_rate: bytes per second a peer re-hashes its shards in the background;
+        0 turns scrubbing off.
+    handoff_timeout: seconds a stopping peer spends handing its shards to the
+        peers that will own them next.
     """
 
     replicas: int = 3
@@ -45,6 +54,11 @@ class Settings:
     fetch_concurrency: int = 8
     per_peer_connections: int = 4
     max_manifest_size: int = 64 * MIB
+    repair_interval: float = 60.0
+    repair_delay: float = 1.0
+    repair_rate: float = 200 * MIB
+    scrub_rate: float = 0.0
+    handoff_timeout: float = 30.0
 
     def __post_init__(self) -> None:
         if self.replicas < 1:

@@ -60,6 +60,9 @@ class ShardStore:
         self.max_shard_size = max_shard_size
         self._sizes: dict[str, int] = {}
         self._verified: set[str] = set()
+        # Shards this peer no longer owns, kept (and served) until room is needed,
+        # oldest first; the owners already hold their copies.
+        self._cached: dict[str, None] = {}
         self._flights: dict[str, asyncio.Future[None]] = {}
         self._reserved = 0  # bytes of writes in progress
 
@@ -72,6 +75,7 @@ class ShardStore:
         self._clean_tmp()
         self._sizes.clear()
         self._verified.clear()
+        self._cached.clear()
         for bucket in sorted((self.root / "shards").iterdir()):
             if bucket.is_dir():
                 for path in sorted(bucket.iterdir()):
@@ -165,16 +169,62 @@ class ShardStore:
     # --- writes -----------------------------------------------------------
 
     def check_room(self, size: int) -> None:
-        """Raise unless a shard of ``size`` bytes can be written now."""
+        """Raise unless a shard of ``size`` bytes can be written now.
+
+        Cached shards (no longer owned here) are evicted, oldest first, to make
+        room before the store reports itself full.
+        """
         if size > self.max_shard_size:
             raise ShardTooLargeError(size, self.max_shard_size)
-        if self.capacity is not None:
-            free = self.capacity - self.total_bytes - self._reserved
-            if size > free:
-                raise StoreFullError(size, max(free, 0))
+        while (free := self._free()) < size and self._cached:
+            self.delete(next(iter(self._cached)))
+        if size > free:
+            raise StoreFullError(size, max(free, 0))
+
+    def _free(self) -> int:
         disk_free = shutil.disk_usage(self.root).free - DISK_RESERVE - self._reserved
-        if size > disk_free:
-            raise StoreFullError(size, max(disk_free, 0))
+        if self.capacity is None:
+            return disk_free
+        return min(disk_free, self.capacity - self.total_bytes - self._reserved)
+
+    # --- ownership --------------------------------------------------------
+
+    def mark_cached(self, shard_id: str) -> None:
+        """This peer no longer owns the shard: keep it only while room allows."""
+        if shard_id in self._sizes:
+            self._cached.setdefault(shard_id, None)
+
+    def mark_owned(self, shard_id: str) -> None:
+        self._cached.pop(shard_id, None)
+
+    def is_cached(self, shard_id: str) -> bool:
+        return shard_id in self._cached
+
+    def owned_items(self) -> list[tuple[str, int]]:
+        """Held shards this peer is responsible for (cached ones left out)."""
+        return [(i, n) for i, n in self._sizes.items() if i not in self._cached]
+
+    @property
+    def cached_bytes(self) -> int:
+        return sum(self._sizes[i] for i in self._cached)
+
+    async def check(self, shard_id: str) -> bool:
+        """Hash a held shard's file again (even if verified before); a bad file
+        is quarantined. True if the shard is intact."""
+        try:
+            path = self.path(shard_id)
+        except ShardNotFoundError:
+            return False
+        try:
+            actual = await asyncio.to_thread(_hash_file, path)
+        except OSError:
+            actual = ""
+        if actual == shard_id:
+            self._verified.add(shard_id)
+            return True
+        if shard_id in self._sizes:
+            self.quarantine(shard_id)
+        return False
 
     async def put(self, shard_id: str, data: bytes | bytearray | memoryview) -> bool:
         """Store ``data`` under ``shard_id``; True if it was new here."""
@@ -273,6 +323,7 @@ class ShardStore:
         """Forget a shard and remove its file."""
         size = self._sizes.pop(shard_id, None)
         self._verified.discard(shard_id)
+        self._cached.pop(shard_id, None)
         if size is not None:
             with contextlib.suppress(FileNotFoundError):
                 self.path(shard_id, size).unlink()
@@ -281,6 +332,7 @@ class ShardStore:
         """Move a shard's file aside and forget it; it is no longer served."""
         size = self._sizes.pop(shard_id, None)
         self._verified.discard(shard_id)
+        self._cached.pop(shard_id, None)
         if size is not None:
             self._quarantine_path(self.path(shard_id, size))
 

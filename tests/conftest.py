@@ -48,8 +48,9 @@ class Swarm:
             *(p.dht.closest(p.node_id, self.settings.dht_ksize) for p in self.peers)
         )
 
-    async def stop(self, peer: Peer) -> None:
-        await peer.stop()
+    async def stop(self, peer: Peer, handoff: bool = False) -> None:
+        """Stop a peer; without ``handoff`` it vanishes as if it crashed."""
+        await peer.stop(handoff=handoff)
         self.peers.remove(peer)
 
     def client(self, **overrides: object) -> Client:
@@ -61,7 +62,7 @@ class Swarm:
         return Client(self.bootstrap, settings)
 
     async def close(self) -> None:
-        await asyncio.gather(*(p.stop() for p in self.peers))
+        await asyncio.gather(*(p.stop(handoff=False) for p in self.peers))
         self.peers.clear()
 
 

@@ -168,7 +168,7 @@ async def test_async_publish_completes_the_owner_set(
         result = await client.publish(arrays, "acme/async", asynchronous=True)
         manifest = await client.manifest("acme/async")
         for peer in swarm.peers:  # the owners copy in the background
-            await peer.wait_idle()
+            await peer.wait_replicated()
         assert_same(await client.load("acme/async"), arrays)
     for shard_id in [*manifest.shards(), result.manifest]:
         assert holders_of(swarm.peers, shard_id) == owners_of(swarm.peers, shard_id, 3)
