@@ -23,6 +23,8 @@ from . import __version__
 from .client import Client
 from .dht import parse_address
 from .errors import P2PShardError
+from .formats.checkpoint import scan_path
+from .hashing import check_name
 from .peer import Peer
 from .settings import MIB, Settings
 
@@ -227,8 +229,7 @@ async def cmd_peer(args: argparse.Namespace) -> None:
 
 
 async def cmd_publish(args: argparse.Namespace) -> dict[str, Any]:
-    from .formats.checkpoint import scan_path
-
+    check_name(args.name)
     _, files = scan_path(args.path)
     total = sum(f.size for f in files)
     async with Client(args.bootstrap, _settings(args)) as client:
@@ -256,6 +257,7 @@ async def cmd_publish(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def cmd_load(args: argparse.Namespace) -> dict[str, Any]:
+    check_name(args.name)
     async with Client(args.bootstrap, _settings(args)) as client:
         record = await client.resolve(args.name)
         with _progress(args, record.size, "load") as progress:
