@@ -5,14 +5,25 @@ its ``Node`` type, with p2pshard's own datagram RPC and lookups because the
 package's own fall short for this use:
 
 - its RPC timeout is a fixed 5 s and every round that meets a dead peer waits
-  it out; here the timeout comes from :class:`Settings` and lookups return only
-  peers that answered (the package's crawl can re-admit a peer that failed);
+  it out; here the timeout comes from :class:`Settings`, a lookup keeps alpha
+  queries in flight and stops counting a silent one against alpha after a few
+  round trips, so dead peers never stall it, and lookups return only peers
+  that answered (the package's crawl can re-admit a peer that failed);
+- its ``find_neighbors`` returns the first k contacts it meets in bucket
+  order, not the k closest; here it is exact;
+- it drops a contact after one lost datagram, or never; here a peer that fails
+  to answer is *suspect*: lookups skip it for a while, it is pinged once more
+  at once, and it leaves the routing table after two failures in a row (a
+  replacement from the bucket's cache takes its place);
+- its hand-off to a newcomer measures distance to a key hashed twice; here a
+  newcomer gets exactly the records it is now among the closest peers for,
+  measured to the key each record is stored under;
 - it spawns tasks it never owns and never cancels; here every task belongs to
   the :class:`Dht`, which cancels and awaits them on ``stop()``;
 - it trusts any ``store`` and its local copy first, accepts values that do not
   fit a datagram, and keeps values in memory only; here only name records are
-  stored, validated, versioned and persisted (see :mod:`p2pshard.records`),
-  and reads ask the network;
+  stored, validated (before any RPC), versioned and persisted (see
+  :mod:`p2pshard.records`), and reads ask the network;
 - it binds 0.0.0.0 by default; here the caller names the interface.
 
 The wire format is rpcudp's: ``0x00|0x01`` + 20-byte message id + msgpack.
@@ -24,10 +35,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import ipaddress
 import logging
 import os
 import socket
+import time
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -48,6 +61,16 @@ log = logging.getLogger(__name__)
 MAX_DATAGRAM = 8192
 REQUEST, RESPONSE = b"\x00", b"\x01"
 RPC_NAMES = frozenset({"ping", "find_node", "find_value", "store"})
+
+SUSPECT_SECONDS = 30.0  # how long lookups skip a peer that failed to answer
+MAX_SUSPECTS = 4096
+EVICT_AFTER = 2  # failed calls in a row that remove a contact from the table
+# A lookup query silent for 4 round trips (at least MIN_STALL s, at most
+# STALL_FRACTION of rpc_timeout) stops counting against alpha.
+STALL_FRACTION = 0.25
+MIN_STALL = 0.05
+LOOKUP_TIMEOUTS = 10  # a lookup returns what it has after this many rpc_timeouts
+HANDOFF_CONCURRENCY = 8
 
 
 @dataclass(frozen=True)
@@ -86,6 +109,31 @@ def parse_address(text: str) -> tuple[str, int]:
 
 class _Table(RoutingTable):
     """kademlia's routing table, with its one background ping owned by the Dht."""
+
+    def get_bucket_for(self, node: Node) -> int:
+        # Bucket ranges are inclusive at both ends; the package compares the
+        # upper end with '<' and files an id equal to it in the next bucket.
+        for index, bucket in enumerate(self.buckets):
+            if node.long_id <= bucket.range[1]:
+                return index
+        return len(self.buckets) - 1
+
+    def find_neighbors(
+        self, node: Node, k: int | None = None, exclude: Node | None = None
+    ) -> list[Node]:
+        """The ``k`` contacts closest to ``node``.
+
+        The package walks buckets outward from the key's own and stops at the
+        first k contacts it meets, most recently seen first: with fewer than
+        k buckets' worth of contacts that is not the k closest.
+        """
+        nodes = (
+            n
+            for bucket in self.buckets
+            for n in bucket.nodes.values()
+            if n.id != node.id and (exclude is None or not n.same_home_as(exclude))
+        )
+        return heapq.nsmallest(k or self.ksize, nodes, key=node.distance_to)
 
     def add_contact(self, node: Node) -> None:
         index = self.get_bucket_for(node)
@@ -194,6 +242,11 @@ class Dht:
         self.leaving = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self._seeds: list[Node] = []
+        # Peers that failed to answer: when they last failed, and how many
+        # calls in a row; lookups skip them until they answer or time passes.
+        self._suspects: dict[Contact, tuple[float, int]] = {}
+        self._probes: dict[Contact, asyncio.Task[bool]] = {}
+        self._srtt: float | None = None  # smoothed round trip of answered calls
 
     # --- lifecycle --------------------------------------------------------
 
@@ -218,11 +271,19 @@ class Dht:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         """Run a background task owned by this Dht (cancelled on stop)."""
-        task = asyncio.get_running_loop().create_task(coro)
+        return self._adopt(asyncio.get_running_loop().create_task(coro))
+
+    def _adopt(self, task: asyncio.Task[Any]) -> asyncio.Task[Any]:
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
+        return task
+
+    async def wait_idle(self) -> None:
+        """Wait until the background work running now (and what it starts) ends."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
@@ -240,19 +301,31 @@ class Dht:
         return self.node.id if self.is_peer else b""
 
     async def _call(self, contact: Contact, name: str, *args: Any) -> Any:
+        began = time.monotonic()
         result = await self.protocol.call((contact.host, contact.port), name, *args)
-        node = Node(contact.id, contact.host, contact.port)
         if result is None:
-            was_known = not self.router.is_new_node(node)
-            self.router.remove_contact(node)
-            if was_known and self.on_lost is not None:
-                self.on_lost(contact)
-        else:
-            self._welcome(node)
+            self._failed(contact)
+            return None
+        rtt = time.monotonic() - began
+        self._srtt = rtt if self._srtt is None else 0.875 * self._srtt + 0.125 * rtt
+        self._welcome(Node(contact.id, contact.host, contact.port))
         return result
 
+    @property
+    def stall_after(self) -> float:
+        """Seconds after which a lookup stops waiting on a silent query."""
+        ceiling = STALL_FRACTION * self.settings.rpc_timeout
+        if self._srtt is None:
+            return ceiling
+        return min(ceiling, max(MIN_STALL, 4 * self._srtt))
+
     async def find_node(self, contact: Contact, key: bytes) -> list[Contact] | None:
-        """Ask one peer for the peers it knows closest to ``key``; None if silent."""
+        """Ask one peer for the peers it knows closest to ``key``; None if silent.
+
+        A suspect (a peer that just failed to answer) is not asked again.
+        """
+        if self.is_suspect(contact):
+            return None
         answer = await self._call(contact, "find_node", self._my_id, key)
         if answer is None:
             return None
@@ -260,6 +333,65 @@ class Dht:
 
     async def ping(self, contact: Contact) -> bool:
         return await self._call(contact, "ping", self._my_id) is not None
+
+    # --- contacts that stop answering -----------------------------------
+
+    def is_suspect(self, contact: Contact) -> bool:
+        """True if ``contact`` failed to answer lately and has not answered since."""
+        entry = self._suspects.get(contact)
+        if entry is None:
+            return False
+        if time.monotonic() - entry[0] > SUSPECT_SECONDS:
+            del self._suspects[contact]
+            return False
+        return True
+
+    def _failed(self, contact: Contact) -> None:
+        """A call got no answer: suspect the contact, probe it, evict on repeat.
+
+        One lost datagram must not cost a good contact its place, and a dead
+        one must not stay: the first failure starts one ping right away, the
+        second failure in a row removes the contact from the routing table
+        (kademlia then promotes the bucket's most recent replacement).
+        """
+        _, strikes = self._suspects.pop(contact, (0.0, 0))
+        self._suspects[contact] = (time.monotonic(), strikes + 1)
+        if len(self._suspects) > MAX_SUSPECTS:
+            del self._suspects[next(iter(self._suspects))]
+        node = Node(contact.id, contact.host, contact.port)
+        known = self._in_table(node)
+        if known and strikes + 1 >= EVICT_AFTER:
+            self.router.remove_contact(node)
+            log.debug("evicted %s after %d failed calls", contact.address, strikes + 1)
+            if self.on_lost is not None:
+                self.on_lost(contact)
+        elif known and contact not in self._probes:
+            self._probes[contact] = self.spawn(self._probe(contact))
+        elif not known:  # never promote it from the bucket's replacement cache
+            bucket = self.router.buckets[self.router.get_bucket_for(node)]
+            waiting = bucket.replacement_nodes.get(node.id)
+            if waiting is not None and waiting.same_home_as(node):
+                del bucket.replacement_nodes[node.id]
+
+    async def _probe(self, contact: Contact) -> bool:
+        try:
+            return await self.ping(contact)
+        finally:
+            self._probes.pop(contact, None)
+
+    def _in_table(self, node: Node) -> bool:
+        held = self.router.buckets[self.router.get_bucket_for(node)][node.id]
+        return held is not None and held.same_home_as(node)
+
+    async def check_contacts(self) -> int:
+        """Ping every contact in the routing table (twice for those that fail);
+        returns how many were evicted."""
+        contacts = self.contacts()
+        before = {c.id for c in contacts}
+        await asyncio.gather(*(self.ping(c) for c in contacts))
+        probes = [self._probes[c] for c in contacts if c in self._probes]
+        await asyncio.gather(*probes, return_exceptions=True)
+        return len(before - {c.id for c in self.contacts()})
 
     async def bootstrap(self, addresses: Iterable[tuple[str, int]]) -> int:
         """Greet the given peers and fill the routing table; returns peers known.
@@ -303,47 +435,9 @@ class Dht:
         return contacts
 
     async def lookup(self, key: bytes, k: int) -> tuple[list[Contact], int]:
-        """Like :meth:`closest`, also returning the rounds (hops) it took."""
-        target = Node(key)
-        known: dict[bytes, Node] = {}
-        for node in self.router.find_neighbors(target, self.settings.dht_ksize):
-            known[node.id] = node
-        for node in self._seeds:
-            known.setdefault(node.id, node)
-        alive: dict[bytes, Node] = {}
-        if self.is_peer:
-            known.pop(self.node.id, None)
-            if not self.leaving:
-                alive[self.node.id] = Node(self.node.id, self.host, self.port)
-        failed: set[bytes] = set()
-        hops = 0
-        while True:
-            ranked = sorted(
-                (n for n in [*known.values(), *alive.values()] if n.id not in failed),
-                key=target.distance_to,
-            )
-            todo = [n for n in ranked[:k] if n.id not in alive]
-            if not todo:
-                break
-            hops += 1
-            batch = todo[: self.settings.dht_alpha]
-            answers = await asyncio.gather(
-                *(
-                    self._call(Contact.of(n), "find_node", self._my_id, key)
-                    for n in batch
-                )
-            )
-            for node, answer in zip(batch, answers):
-                known.pop(node.id, None)
-                if answer is None:
-                    failed.add(node.id)
-                    continue
-                alive[node.id] = node
-                for found in _parse_nodes(answer):
-                    if found.id not in failed and found.id not in alive:
-                        known.setdefault(found.id, found)
-        ranked_alive = sorted(alive.values(), key=target.distance_to)[:k]
-        return [Contact.of(n) for n in ranked_alive], hops
+        """Like :meth:`closest`, also returning the hops it took: the longest
+        chain of referrals, from this peer's own table, to a peer that answered."""
+        return await _Lookup(self, key, k).run()
 
     async def closest_many(
         self, keys: Iterable[bytes], k: int, concurrency: int = 16
@@ -364,20 +458,40 @@ class Dht:
     # --- name records -----------------------------------------------------
 
     async def put_record(self, record: NameRecord) -> int:
-        """Store a record on the peers closest to its name; returns acks."""
-        key = name_key(record.name)
-        data = record.encode()
-        holders = await self.closest(key, self.settings.record_replicas)
-        acks = await asyncio.gather(*(self._store_on(c, key, data) for c in holders))
-        count = sum(acks)
-        if not count:
-            raise NetworkError(f"no peer accepted the record of {record.name!r}")
-        return count
+        """Store a record on the peers closest to its name; returns how many keep it.
 
-    async def _store_on(self, contact: Contact, key: bytes, data: bytes) -> bool:
+        The record is checked before any RPC: RecordError at once for anything
+        that is not a valid NameRecord fitting a datagram. RecordError too when
+        every holder that answered refused it (they hold a newer version);
+        NetworkError when none answered.
+        """
+        data = _encode_record(record)
+        key = name_key(record.name)
+        holders = await self.closest(key, self.settings.record_replicas)
+        answers = await asyncio.gather(*(self._store_on(c, key, data) for c in holders))
+        kept = sum(1 for a in answers if a is True)
+        refused = sum(1 for a in answers if a is False)
+        if not kept and refused:
+            raise RecordError(
+                f"record of {record.name!r} version {record.version} refused by "
+                f"{refused} peers: they hold a newer one"
+            )
+        if not kept:
+            raise NetworkError(
+                f"no peer answered to store the record of {record.name!r}"
+            )
+        return kept
+
+    async def _store_on(self, contact: Contact, key: bytes, data: bytes) -> bool | None:
+        """True if the peer keeps the record, False if it refused, None if silent."""
         if self.is_peer and contact.id == self.node.id:
-            return self.records.offer(key, data)
-        return await self._call(contact, "store", self._my_id, key, data) is True
+            try:
+                return self.records.offer(key, data)
+            except RecordError as exc:
+                log.debug("refused own record: %s", exc)
+                return False
+        answer = await self._call(contact, "store", self._my_id, key, data)
+        return None if answer is None else answer is True
 
     async def get_record(self, name: str) -> NameRecord | None:
         """The newest record of ``name`` among the peers closest to its key.
@@ -413,16 +527,61 @@ class Dht:
     # --- incoming calls ---------------------------------------------------
 
     def _welcome(self, node: Node) -> None:
+        """A peer answered or called us: it is alive, and maybe new."""
         if node.id == self.node.id:
             return
+        self._suspects.pop(Contact.of(node), None)
         is_new = self.router.is_new_node(node)
         if self.is_peer:
             for other in self.router.find_neighbors(node, self.settings.dht_ksize):
                 if other.same_home_as(node) and other.id != node.id:
                     self.router.remove_contact(other)  # the address changed hands
         self.router.add_contact(node)
-        if is_new and self.is_peer and self.on_contact is not None:
-            self.on_contact(Contact.of(node))
+        if is_new and self.is_peer:
+            if self.records.all():
+                self.spawn(self._hand_off(Contact.of(node)))
+            if self.on_contact is not None:
+                self.on_contact(Contact.of(node))
+
+    async def _hand_off(self, newcomer: Contact) -> int:
+        """Give a newly seen peer the records it is now among the closest peers
+        for (section 2.5 of the Kademlia paper); returns how many it kept.
+
+        Distances are measured to each record's own key, ``name_key(name)``,
+        the digest it is stored under (the package hashes it once more). Only
+        holders that are themselves among the closest send, so a record goes
+        out at most ``record_replicas`` times.
+        """
+        replicas = self.settings.record_replicas
+        due = []
+        # TODO: this ranks every record held against the routing table, per
+        # newcomer; with a very large record store it wants an index by key.
+        for record in self.records.all():
+            key = name_key(record.name)
+            ranked = self._nearest_known(key, replicas + 1, newcomer)
+            if newcomer in ranked[:replicas] and self.me in ranked:
+                due.append((key, record.encode()))
+        gate = asyncio.Semaphore(HANDOFF_CONCURRENCY)
+
+        async def give(key: bytes, data: bytes) -> bool:
+            async with gate:
+                return await self._store_on(newcomer, key, data) is True
+
+        kept = sum(await asyncio.gather(*(give(key, data) for key, data in due)))
+        if due:
+            log.debug("handed %d of %d records to %s", kept, len(due), newcomer.address)
+        return kept
+
+    def _nearest_known(self, key: bytes, n: int, extra: Contact) -> list[Contact]:
+        """The ``n`` peers closest to ``key`` among this peer, its routing table
+        and ``extra``."""
+        found = {extra.id: extra}
+        for node in self.router.find_neighbors(Node(key), n):
+            found.setdefault(node.id, Contact.of(node))
+        me = self.me
+        if me is not None and not self.leaving:
+            found[me.id] = me
+        return sorted(found.values(), key=lambda c: c.distance(key))[:n]
 
     def _sender(self, addr: tuple[str, int], node_id: object) -> None:
         if not isinstance(node_id, bytes):
@@ -470,6 +629,150 @@ class Dht:
         except RecordError as exc:
             log.debug("refused record from %s: %s", addr, exc)
             return False
+
+
+class _Lookup:
+    """One iterative node lookup (section 2.3 of the Kademlia paper).
+
+    Instead of lock-step rounds of alpha queries, up to alpha queries are kept
+    active: a new one starts as soon as one answers, and a query silent for a
+    few round trips (``Dht.stall_after``) stops counting as active, so dead
+    peers cost one timeout in parallel with the search, never one per round.
+    The lookup ends when the k closest peers not known to have failed have all
+    answered; queries still in flight then finish in the background, where
+    their failures are remembered (see ``Dht._failed``). Suspects are skipped.
+    """
+
+    def __init__(self, dht: Dht, key: bytes, k: int) -> None:
+        self.dht = dht
+        self.key = key
+        self.target = int.from_bytes(key, "big")
+        self.k = k
+        self.candidates: dict[bytes, tuple[Contact, int]] = {}  # id -> (contact, depth)
+        self.alive: dict[bytes, Contact] = {}
+        self.failed: set[bytes] = set()
+        self.asked: set[bytes] = set()
+        self.flights: dict[asyncio.Task[Any], tuple[Contact, int]] = {}
+        self.sent: dict[bytes, float] = {}  # id -> when its query went out
+        self.hops = 0
+        self.budget = 4 * k + 8 * dht.settings.dht_alpha  # queries at most
+
+    async def run(self) -> tuple[list[Contact], int]:
+        self._seed()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + LOOKUP_TIMEOUTS * self.dht.settings.rpc_timeout
+        try:
+            while not self._converged() and loop.time() < deadline:
+                wake = self._launch(loop.time())
+                if not self.flights:
+                    break  # out of budget, or nobody left to ask
+                done, _ = await asyncio.wait(
+                    self.flights,
+                    timeout=max(0.0, min(wake, deadline) - loop.time()),
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                for task in done:
+                    self._land(task)
+        finally:
+            self._release()
+        ranked = sorted(self.alive.values(), key=self._distance)[: self.k]
+        return ranked, self.hops
+
+    def _distance(self, contact: Contact) -> int:
+        return int.from_bytes(contact.id, "big") ^ self.target
+
+    def _seed(self) -> None:
+        dht = self.dht
+        for node in dht.router.find_neighbors(Node(self.key), dht.settings.dht_ksize):
+            self._offer(Contact.of(node), 0)
+        for node in dht._seeds:
+            self._offer(Contact.of(node), 0)
+        me = dht.me
+        if me is not None and not dht.leaving:
+            self.candidates[me.id] = (me, 0)
+            self.alive[me.id] = me
+            self.asked.add(me.id)
+
+    def _offer(self, contact: Contact, depth: int) -> None:
+        if contact.id in self.candidates or contact.id in self.failed:
+            return
+        if self.dht.is_peer and contact.id == self.dht.node.id:
+            return  # never ask ourselves (a leaving peer is not a candidate)
+        if self.dht.is_suspect(contact):
+            self.failed.add(contact.id)
+            return
+        self.candidates[contact.id] = (contact, depth)
+
+    def _ranked(self) -> list[Contact]:
+        live = (c for c, _ in self.candidates.values() if c.id not in self.failed)
+        return sorted(live, key=self._distance)
+
+    def _converged(self) -> bool:
+        return all(c.id in self.alive for c in self._ranked()[: self.k])
+
+    def _launch(self, now: float) -> float:
+        """Start queries until alpha are active; returns when to look again.
+
+        Candidates are taken nearest first from the k closest, where a stalled
+        query holds no place: while it may still answer, the search goes on
+        past it.
+        """
+        stall = self.dht.stall_after
+        active = [t0 for t0 in self.sent.values() if now - t0 < stall]
+        places = 0
+        for contact in self._ranked():
+            sent = self.sent.get(contact.id)
+            if places >= self.k:
+                break
+            if sent is not None and now - sent >= stall:
+                continue
+            places += 1
+            if contact.id in self.asked:
+                continue
+            if len(active) >= self.dht.settings.dht_alpha or not self.budget:
+                break
+            self.asked.add(contact.id)
+            self.budget -= 1
+            call = self.dht._call(contact, "find_node", self.dht._my_id, self.key)
+            task = asyncio.get_running_loop().create_task(call)
+            self.flights[task] = (contact, self.candidates[contact.id][1])
+            self.sent[contact.id] = now
+            active.append(now)
+        return min(active, default=now) + stall
+
+    def _land(self, task: asyncio.Task[Any]) -> None:
+        contact, depth = self.flights.pop(task)
+        del self.sent[contact.id]
+        answer = None if task.cancelled() or task.exception() else task.result()
+        if answer is None:
+            self.failed.add(contact.id)
+            return
+        self.alive[contact.id] = contact
+        self.hops = max(self.hops, depth + 1)
+        for node in _parse_nodes(answer):
+            self._offer(Contact.of(node), depth + 1)
+
+    def _release(self) -> None:
+        """Hand queries still in flight to the Dht: their answers or silences
+        still teach the routing table, and stop() cancels them."""
+        for task in self.flights:
+            self.dht._adopt(task)
+        self.flights.clear()
+
+
+def _encode_record(record: object) -> bytes:
+    """The wire bytes of a record, checked as a receiver would check them."""
+    if not isinstance(record, NameRecord):
+        raise RecordError(f"expected a NameRecord, got {type(record).__name__}")
+    try:
+        data = record.encode()
+    except (TypeError, ValueError, OverflowError) as exc:  # msgpack's refusals
+        raise RecordError(
+            f"record of {record.name!r} cannot be encoded: {exc}"
+        ) from exc
+    if NameRecord.decode(data) != record:  # RecordError if invalid or too large
+        raise RecordError(f"record of {record.name!r} does not survive encoding")
+    return data
 
 
 def _check_key(key: object) -> None:

@@ -21,18 +21,28 @@ Routes (ids are checked against one strict pattern before anything else runs):
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from typing import TYPE_CHECKING
+import os
+import re
+from typing import TYPE_CHECKING, BinaryIO
 
 import msgpack
-from aiohttp import web
+from aiohttp import hdrs, web, web_fileresponse
+from aiohttp.abc import AbstractStreamWriter
 
-from .errors import HashMismatchError, ShardTooLargeError, StoreFullError
+from .errors import (
+    HashMismatchError,
+    ShardNotFoundError,
+    ShardTooLargeError,
+    StoreFullError,
+)
 from .hashing import ID_PATTERN, name_key
 from .records import NameRecord, RecordError
 
 if TYPE_CHECKING:
     from .peer import Peer
+    from .store import ShardStore
 
 __all__ = ["REPLICATE_HEADER", "make_app"]
 
@@ -41,6 +51,7 @@ log = logging.getLogger(__name__)
 REPLICATE_HEADER = "X-P2PShard-Replicas"
 MAX_HAS_IDS = 100_000
 BODY_CHUNK = 1024 * 1024
+RANGE_PATTERN = re.compile(r"bytes=(\d{0,19})-(\d{0,19})", re.ASCII | re.IGNORECASE)
 
 PEER_KEY = web.AppKey("peer", object)
 
@@ -72,19 +83,135 @@ def _shard_id(request: web.Request) -> str:
 
 
 async def get_shard(request: web.Request) -> web.StreamResponse:
+    """A held shard's verified bytes, whole or one byte range (GET and HEAD).
+
+    The bytes come from a file opened after the hash check and checked against
+    the indexed size, nothing else: aiohttp's FileResponse would serve a
+    ``.gz`` or ``.br`` file lying next to it instead, and answer conditional
+    headers with 304 or 412. A shard's bytes never change, so conditional
+    headers are ignored.
+    """
     shard_id = _shard_id(request)
     store = _peer(request).store
-    if shard_id not in store:
-        raise web.HTTPNotFound(text="shard not held\n")
+    handle, size = await _open_verified(store, shard_id)
     try:
+        start, count = _byte_range(request.headers.get(hdrs.RANGE), size)
+    except web.HTTPException:
+        handle.close()
+        raise
+    partial = request.headers.get(hdrs.RANGE) is not None
+    return _ShardBody(handle, start, count, size, partial)
+
+
+async def _open_verified(store: ShardStore, shard_id: str) -> tuple[BinaryIO, int]:
+    not_held = web.HTTPNotFound(text="shard not held\n")
+    try:
+        size = store.size(shard_id)
         path = await store.verified_path(shard_id)
+        handle = await asyncio.to_thread(open, path, "rb")
+    except ShardNotFoundError:  # never held, or dropped meanwhile
+        raise not_held from None
     except HashMismatchError:
         log.warning("shard %s failed its hash check and was quarantined", shard_id)
-        raise web.HTTPNotFound(text="shard not held\n") from None
+        raise not_held from None
     except FileNotFoundError:
         store.quarantine(shard_id)
-        raise web.HTTPNotFound(text="shard not held\n") from None
-    return web.FileResponse(path, chunk_size=BODY_CHUNK)
+        raise not_held from None
+    except OSError as exc:
+        log.warning("shard %s cannot be read: %s", shard_id, exc)
+        raise web.HTTPServiceUnavailable(text="shard unreadable\n") from None
+    if os.fstat(handle.fileno()).st_size != size:  # changed since its check
+        handle.close()
+        log.warning("shard %s changed size on disk and was quarantined", shard_id)
+        store.quarantine(shard_id)
+        raise not_held
+    return handle, size
+
+
+def _byte_range(header: str | None, size: int) -> tuple[int, int]:
+    """``(start, count)`` to serve for a Range header (RFC 9110, one range).
+
+    No header: the whole shard. A last position past the end is clamped; an
+    unsatisfiable, malformed or multi-range header is answered 416.
+    """
+    if header is None:
+        return 0, size
+    unsatisfiable = web.HTTPRequestRangeNotSatisfiable(
+        headers={hdrs.CONTENT_RANGE: f"bytes */{size}"}, text="range not satisfiable\n"
+    )
+    match = RANGE_PATTERN.fullmatch(header.strip())
+    if match is None:
+        raise unsatisfiable
+    first, last = match.groups()
+    if not first:  # a suffix: the last N bytes
+        if not last or int(last) == 0 or size == 0:
+            raise unsatisfiable
+        count = min(int(last), size)
+        return size - count, count
+    start = int(first)
+    if start >= size or (last and int(last) < start):
+        raise unsatisfiable
+    end = min(int(last), size - 1) if last else size - 1
+    return start, end - start + 1
+
+
+class _ShardBody(web.StreamResponse):
+    """Exactly ``count`` bytes of an open file from ``start``.
+
+    Sent with the loop's sendfile, or read in chunks off the event loop when
+    aiohttp's sendfile switch (the ``AIOHTTP_NOSENDFILE`` environment variable)
+    is set. A file that ends early aborts the connection, so a body never falls
+    short of its Content-Length silently.
+    """
+
+    def __init__(
+        self, handle: BinaryIO, start: int, count: int, size: int, partial: bool
+    ) -> None:
+        super().__init__(status=206 if partial else 200)
+        self._file = handle
+        self._offset = start
+        self._length = count
+        self.content_type = "application/octet-stream"
+        self.content_length = count
+        self.headers[hdrs.ACCEPT_RANGES] = "bytes"
+        if partial:
+            end = start + count - 1
+            self.headers[hdrs.CONTENT_RANGE] = f"bytes {start}-{end}/{size}"
+
+    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        if self.prepared:
+            return await super().prepare(request)
+        try:
+            writer = await super().prepare(request)
+            if writer is not None and self._length and request.method != hdrs.METH_HEAD:
+                sent = await self._send(request)
+                if sent != self._length:
+                    raise ConnectionResetError(
+                        f"shard file ended after {sent} of {self._length} bytes"
+                    )
+                await super().write_eof()
+            return writer
+        finally:
+            self._file.close()
+
+    async def _send(self, request: web.BaseRequest) -> int:
+        if not web_fileresponse.NOSENDFILE:
+            transport = request.transport
+            if transport is None:
+                raise ConnectionResetError("client went away")
+            loop = asyncio.get_running_loop()
+            return await loop.sendfile(
+                transport, self._file, self._offset, self._length
+            )
+        fd, sent = self._file.fileno(), 0
+        while sent < self._length:
+            want = min(BODY_CHUNK, self._length - sent)
+            chunk = await asyncio.to_thread(os.pread, fd, want, self._offset + sent)
+            if not chunk:
+                break
+            await self.write(chunk)
+            sent += len(chunk)
+        return sent
 
 
 async def put_shard(request: web.Request) -> web.Response:

@@ -12,7 +12,7 @@ import pytest
 from p2pshard import Client, Peer, Settings
 
 FAST = Settings(
-    rpc_timeout=0.5, connect_timeout=1.0, read_timeout=2.0, shard_size=64 * 1024
+    rpc_timeout=1.0, connect_timeout=1.0, read_timeout=2.0, shard_size=64 * 1024
 )
 
 
