@@ -17,7 +17,10 @@ __all__ = [
     "IndexMismatchError",
     "InvalidIdError",
     "InvalidNameError",
+    "LoadDeadlineError",
+    "LoadIncompleteError",
     "ManifestError",
+    "NameConflictError",
     "NameNotFoundError",
     "NetworkError",
     "NoPeersError",
@@ -263,6 +266,35 @@ class ShardUnavailableError(NetworkError):
         self.failures = failures
 
 
+class LoadIncompleteError(NetworkError):
+    """A load stopped with shards missing: every holder of them failed."""
+
+    def __init__(self, missing: dict[str, dict[str, str]], why: str = "") -> None:
+        shown = "; ".join(
+            f"shard {shard_id} ("
+            + (
+                "tried " + ", ".join(f"{p}: {w}" for p, w in tried.items())
+                if tried
+                else "no peer tried"
+            )
+            + ")"
+            for shard_id, tried in list(missing.items())[:20]
+        )
+        more = f"; and {len(missing) - 20} more" if len(missing) > 20 else ""
+        super().__init__(
+            f"load failed{why}: {len(missing)} shard(s) missing: {shown}{more}"
+        )
+        self.missing = missing
+
+
+class LoadDeadlineError(LoadIncompleteError, TimeoutError):
+    """A load's deadline passed with shards still missing."""
+
+    def __init__(self, missing: dict[str, dict[str, str]], deadline: float) -> None:
+        super().__init__(missing, f" at its deadline of {deadline:g} s")
+        self.deadline = deadline
+
+
 class QuorumError(NetworkError):
     """A synchronous write reached fewer replicas than its quorum."""
 
@@ -278,6 +310,19 @@ class QuorumError(NetworkError):
         self.needed = needed
         self.acked = acked
         self.failures = failures
+
+
+class NameConflictError(P2PShardError, RuntimeError):
+    """Another publisher bound the same name at the same time, and won."""
+
+    def __init__(self, name: str, version: int, winner: str) -> None:
+        super().__init__(
+            f"{name!r} v{version} lost to a concurrent publish of manifest "
+            f"{winner[:16]}; publish again to supersede it"
+        )
+        self.name = name
+        self.version = version
+        self.winner = winner
 
 
 class NoTensorMatchError(P2PShardError, LookupError):

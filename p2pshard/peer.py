@@ -33,6 +33,7 @@ __all__ = ["Peer"]
 log = logging.getLogger(__name__)
 
 PORT_TRIES = 50
+RECORD_FLUSH_SECONDS = 0.5  # a crash loses at most this much of new records
 
 
 class Peer:
@@ -159,6 +160,7 @@ class Peer:
         self.dht.on_contact = self.repairer.poke
         self.dht.on_lost = self.repairer.poke
         self.spawn(self.repairer.run())
+        self.spawn(self._flush_records_forever())
         if self.settings.scrub_rate > 0:
             self.spawn(self.repairer.scrub())
         log.info("peer %s up at %s", self.node_id.hex()[:12], self.address)
@@ -197,6 +199,7 @@ class Peer:
             await self._runner.cleanup()
             self._runner = None
         await self.dht.stop()
+        await self.flush_records()
         await self.transfer.close()
         if self._started:
             log.info("peer %s stopped", self.address)
@@ -246,6 +249,17 @@ class Peer:
         )
         self._replications.add(task)
         task.add_done_callback(self._replications.discard)
+
+    async def flush_records(self) -> None:
+        """Write the name records held here to disk if they changed."""
+        data = self.records.snapshot()
+        if data is not None:
+            await asyncio.to_thread(self.records.write, data)
+
+    async def _flush_records_forever(self) -> None:
+        while True:
+            await asyncio.sleep(RECORD_FLUSH_SECONDS)
+            await self.flush_records()
 
     async def repair_once(self) -> RepairStats:
         """Run one repair pass now (see :mod:`p2pshard.repair`)."""

@@ -20,12 +20,12 @@ import numpy as np
 
 from .chunking import plan_blob, plan_tensors
 from .dht import Dht
-from .errors import ManifestError, first_error
+from .errors import ManifestError, NameConflictError, first_error
 from .formats.checkpoint import SourceFile, scan_path
 from .formats.safetensors import SafetensorsHeader, build_header
 from .hashing import check_name, hash_bytes
 from .manifest import Chunk, FileEntry, Manifest
-from .records import NameRecord, new_record
+from .records import NameRecord, RecordError, new_record
 from .replication import offer_record, store_first, store_on_owners
 from .settings import Settings
 from .transfer import Transfer
@@ -235,7 +235,13 @@ async def _bind_name(
     current = await dht.get_record(name)
     version = current.version + 1 if current is not None else 1
     record = new_record(name, manifest_id, len(data), version, manifest.total_size)
-    await dht.put_record(record)
+    try:
+        await dht.put_record(record)
+    except RecordError:  # every holder already has a newer record
+        pass
+    current = await dht.get_record(name)
+    if current is not None and current.rank > record.rank:
+        raise NameConflictError(name, version, current.manifest)
     # The manifest's owners hold the record too and republish it, so the name
     # outlives the peers closest to its key.
     encoded = record.encode()

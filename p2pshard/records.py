@@ -97,11 +97,16 @@ def new_record(
 
 
 class RecordStore:
-    """Name records this peer stores for the DHT, persisted across restarts."""
+    """Name records this peer stores for the DHT, persisted across restarts.
+
+    ``offer`` only marks the store dirty; the owner calls ``flush`` (from a
+    worker thread) to write it, so no datagram handler waits on a disk.
+    """
 
     def __init__(self, path: str | os.PathLike[str] | None) -> None:
         self.path = Path(path) if path is not None else None
         self._records: dict[bytes, NameRecord] = {}
+        self.dirty = False
 
     def load(self) -> None:
         if self.path is None or not self.path.exists():
@@ -109,15 +114,22 @@ class RecordStore:
         try:
             raw = msgpack.unpackb(self.path.read_bytes(), raw=False)
             for data in raw:
-                self.offer(name_key(NameRecord.decode(data).name), data, save=False)
+                self.offer(name_key(NameRecord.decode(data).name), data)
         except Exception as exc:  # a damaged file must not stop the peer
             log.warning("ignoring unreadable record file %s: %s", self.path, exc)
+        self.dirty = False
 
-    def save(self) -> None:
-        if self.path is None:
-            return
+    def snapshot(self) -> bytes | None:
+        """The encoded records if they changed since the last snapshot."""
+        if not self.dirty or self.path is None:
+            return None
+        self.dirty = False
+        return msgpack.packb([r.encode() for r in self._records.values()])
+
+    def write(self, data: bytes) -> None:
+        """Write a snapshot atomically (blocking: call it in a worker thread)."""
+        assert self.path is not None
         tmp = self.path.with_suffix(f".tmp{os.getpid()}")
-        data = msgpack.packb([r.encode() for r in self._records.values()])
         try:
             with open(tmp, "wb") as handle:
                 handle.write(data)
@@ -128,7 +140,7 @@ class RecordStore:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
 
-    def offer(self, key: bytes, data: object, save: bool = True) -> bool:
+    def offer(self, key: bytes, data: object) -> bool:
         """Keep ``data`` under ``key`` if it is valid and newer; True if kept."""
         record = NameRecord.decode(data)
         if name_key(record.name) != key:
@@ -139,8 +151,7 @@ class RecordStore:
         if held is None and len(self._records) >= MAX_RECORDS:
             raise RecordError("record store is full")
         self._records[key] = record
-        if save:
-            self.save()
+        self.dirty = True
         return True
 
     def get(self, key: bytes) -> NameRecord | None:

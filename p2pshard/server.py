@@ -42,7 +42,6 @@ from .records import NameRecord, RecordError
 
 if TYPE_CHECKING:
     from .peer import Peer
-    from .store import ShardStore
 
 __all__ = ["REPLICATE_HEADER", "make_app"]
 
@@ -92,8 +91,7 @@ async def get_shard(request: web.Request) -> web.StreamResponse:
     headers are ignored.
     """
     shard_id = _shard_id(request)
-    store = _peer(request).store
-    handle, size = await _open_verified(store, shard_id)
+    handle, size = await _open_verified(_peer(request), shard_id)
     try:
         start, count = _byte_range(request.headers.get(hdrs.RANGE), size)
     except web.HTTPException:
@@ -103,7 +101,13 @@ async def get_shard(request: web.Request) -> web.StreamResponse:
     return _ShardBody(handle, start, count, size, partial)
 
 
-async def _open_verified(store: ShardStore, shard_id: str) -> tuple[BinaryIO, int]:
+async def _open_verified(peer: Peer, shard_id: str) -> tuple[BinaryIO, int]:
+    """An open file of a held shard's verified bytes, and its size.
+
+    A copy found corrupt, missing or resized is quarantined, answered 404, and
+    fetched again from a replica in the background.
+    """
+    store = peer.store
     not_held = web.HTTPNotFound(text="shard not held\n")
     try:
         size = store.size(shard_id)
@@ -113,9 +117,11 @@ async def _open_verified(store: ShardStore, shard_id: str) -> tuple[BinaryIO, in
         raise not_held from None
     except HashMismatchError:
         log.warning("shard %s failed its hash check and was quarantined", shard_id)
+        peer.spawn(peer.repairer.pull([(shard_id, size)]))
         raise not_held from None
     except FileNotFoundError:
         store.quarantine(shard_id)
+        peer.spawn(peer.repairer.pull([(shard_id, size)]))
         raise not_held from None
     except OSError as exc:
         log.warning("shard %s cannot be read: %s", shard_id, exc)
@@ -124,6 +130,7 @@ async def _open_verified(store: ShardStore, shard_id: str) -> tuple[BinaryIO, in
         handle.close()
         log.warning("shard %s changed size on disk and was quarantined", shard_id)
         store.quarantine(shard_id)
+        peer.spawn(peer.repairer.pull([(shard_id, size)]))
         raise not_held
     return handle, size
 
