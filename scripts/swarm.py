@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import json
 import os
 import selectors
@@ -53,6 +54,16 @@ class SwarmError(RuntimeError):
 
 def _log_stderr(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def _stop_with_parent() -> None:
+    """In a peer before exec: get SIGTERM if the launcher dies, even by SIGKILL,
+    so no peer outlives it."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 @dataclass
@@ -187,6 +198,7 @@ class LocalSwarm:
             stdout=subprocess.PIPE,
             stderr=self.stderr,
             start_new_session=True,
+            preexec_fn=_stop_with_parent,
         )
         peer = PeerProcess(index, data_dir, proc)
         self.peers.append(peer)
