@@ -156,8 +156,8 @@ async def test_dead_contacts_cost_one_timeout_then_nothing(tmp_path: Path) -> No
             await joining.close()
         # Joining asked the 4 dead contacts at once: one timeout (plus one
         # stall step), not one per round; the lookup after skipped them.
-        assert joined < 1.6 * config.rpc_timeout
-        assert looked < 0.3 * config.rpc_timeout
+        assert joined < 1.9 * config.rpc_timeout  # lock-step: 2 or more timeouts
+        assert looked < 0.5 * config.rpc_timeout  # no timeout waited at all
 
         # The survivors hold on to the dead until they call them: a refresh
         # lookup fails on each once, a ping fails again, and they are gone.
@@ -185,8 +185,8 @@ async def test_silent_contacts_never_hold_up_a_lookup(tmp_path: Path) -> None:
             assert ids(found_again) == ids(found)
             await asker.wait_idle()  # the probes of the silent ones
             assert ids(asker.contacts()) == ids(swarm.peers[1:])
-        assert first < 2.2 * config.rpc_timeout
-        assert second < 0.2 * config.rpc_timeout
+        assert first < 2.9 * config.rpc_timeout  # lock-step: 4 timeouts
+        assert second < 0.5 * config.rpc_timeout
 
 
 async def test_one_lost_answer_does_not_evict(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -418,7 +418,7 @@ async def test_values_that_cannot_fit_are_refused_before_any_rpc(
             began = time.monotonic()
             with pytest.raises(RecordError):
                 await dht.put_record(value)
-            assert time.monotonic() - began < 0.1  # at once, no timeout
+            assert time.monotonic() - began < 0.5  # at once, no timeout
         assert sent == []
         assert all(not p.records.all() for p in swarm.peers)
 
