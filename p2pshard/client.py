@@ -74,6 +74,7 @@ class Client:
         try:
             await self.dht.start(host, 0)
             await self.dht.bootstrap(self.bootstrap)
+            await self.dht.view()  # one crawl: owners of many shards come from it
         except BaseException:
             await self.close()
             raise

@@ -21,7 +21,7 @@ from aiohttp import web
 from .dht import Contact, Dht, parse_address
 from .hashing import KEY_BYTES
 from .records import RecordStore
-from .repair import Repairer, RepairStats, members
+from .repair import Repairer, RepairStats
 from .replication import complete_owners
 from .server import make_app
 from .settings import Settings
@@ -107,7 +107,7 @@ class Peer:
             try:
                 await probe.start(self.host, 0)
                 await probe.bootstrap(self.bootstrap_addresses)
-                view = await members(probe)
+                view = await probe.crawl()
             finally:
                 await probe.stop()
             node_id = balanced_id([c.id for c in view]) or node_id

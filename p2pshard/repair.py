@@ -2,7 +2,7 @@
 
 Each peer looks after the shards it holds. A repair pass:
 
-1. crawls the swarm for the live peers (one ``find_node`` per peer), so the k
+1. crawls the swarm for the live peers (``Dht.crawl``), so the k
    owners of every shard are computed from one membership view instead of one
    lookup per shard;
 2. asks each owner, in one batched request, which of its shards it holds;
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import random
 import time
 from collections import defaultdict
@@ -34,19 +33,18 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 
-from .dht import Contact, Dht
+from .dht import Contact
 from .errors import HashMismatchError, P2PShardError
-from .hashing import KEY_BYTES, shard_key
+from .hashing import shard_key
 from .transfer import PeerError
 
 if TYPE_CHECKING:
     from .peer import Peer
 
-__all__ = ["RateLimit", "RepairStats", "Repairer", "members", "owners_of"]
+__all__ = ["RateLimit", "RepairStats", "Repairer", "owners_of"]
 
 log = logging.getLogger(__name__)
 
-MAX_MEMBERS = 4096
 HAS_BATCH = 10_000
 PUSH_CONCURRENCY = 4
 NET_ERRORS = (PeerError, aiohttp.ClientError, TimeoutError, OSError, P2PShardError)
@@ -89,37 +87,6 @@ class RateLimit:
             self._tokens -= amount
             if self._tokens < 0:  # pay the debt before the next caller goes
                 await asyncio.sleep(-self._tokens / self.rate)
-
-
-async def members(dht: Dht, limit: int = MAX_MEMBERS) -> list[Contact]:
-    """Every live peer reachable from this one (itself included unless leaving).
-
-    Asks each peer found for its neighbourhood and for a random region, until
-    no new peer turns up; only peers that answered are returned.
-    """
-    me = dht.me
-    known: dict[bytes, Contact] = {c.id: c for c in dht.contacts()}
-    alive: dict[bytes, Contact] = {}
-    if me is not None and not dht.leaving:
-        alive[me.id] = me
-    frontier = list(known.values())
-    while frontier and len(known) < limit:
-        asked, frontier = frontier, []
-        answers = await asyncio.gather(
-            *(dht.find_node(c, c.id) for c in asked),
-            *(dht.find_node(c, os.urandom(KEY_BYTES)) for c in asked),
-        )
-        for contact, near, far in zip(
-            asked, answers[: len(asked)], answers[len(asked) :]
-        ):
-            if near is None and far is None:
-                continue
-            alive[contact.id] = contact
-            for found in (near or []) + (far or []):
-                if found.id not in known and (me is None or found.id != me.id):
-                    known[found.id] = found
-                    frontier.append(found)
-    return list(alive.values())
 
 
 def owners_of(shard_id: str, view: Sequence[Contact], k: int) -> list[Contact]:
@@ -175,7 +142,7 @@ class Repairer:
             began = time.monotonic()
             dht = self.peer.dht
             dht.leaving = leaving or dht.leaving
-            view = await members(dht)
+            view = await dht.crawl()
             stats = RepairStats(peers=len(view))
             held = await self._holdings(view)
             await self._push_all(view, held, stats, leaving)
@@ -319,7 +286,7 @@ class Repairer:
         wanted = [(i, n) for i, n in wanted if i not in store]
         if not wanted:
             return 0
-        view = await members(self.peer.dht)
+        view = await self.peer.dht.crawl()
         me = self.peer.dht.node.id
         fetched = 0
         for shard_id, size in wanted:

@@ -30,7 +30,7 @@ from p2pshard import (
     QuorumError,
     Settings,
 )
-from p2pshard.dht import MAX_DATAGRAM, REQUEST, RESPONSE, Contact, Dht
+from p2pshard.dht import MAX_DATAGRAM, REQUEST, RESPONSE, Contact, Dht, rank_many
 from p2pshard.errors import NameConflictError
 from p2pshard.formats.safetensors import write_file
 from p2pshard.hashing import KEY_BYTES, hash_bytes, name_key, shard_key
@@ -609,3 +609,35 @@ async def test_lookup_matches_global_truth(tmp_path: Path) -> None:
                     key=lambda i: int.from_bytes(i, "big") ^ int.from_bytes(key, "big"),
                 )
                 assert 1 <= hops <= 4
+
+
+# --- owners of many keys ------------------------------------------------------
+
+
+def test_rank_many_matches_an_exact_ranking() -> None:
+    shared = os.urandom(8)  # half the ids tie on their top 64 bits
+    view = [
+        Contact(
+            (shared if i % 2 else os.urandom(8)) + os.urandom(12), "127.0.0.1", i + 1
+        )
+        for i in range(40)
+    ]
+    keys = [os.urandom(KEY_BYTES) for _ in range(300)] + [shared + os.urandom(12)]
+    ranked = rank_many(view, keys, 3)
+    for key in keys:
+        exact = sorted(view, key=lambda c, key=key: c.distance(key))[:3]
+        assert ranked[key] == exact
+    assert rank_many([], keys[:2], 3) == {keys[0]: [], keys[1]: []}
+
+
+async def test_owners_of_many_keys_from_one_crawl(tmp_path: Path) -> None:
+    async with swarm_of(tmp_path, 10, settings()) as swarm:
+        async with swarm.client() as client:
+            keys = [os.urandom(KEY_BYTES) for _ in range(500)]
+            owners = await client.dht.closest_many(keys, 3)
+        everyone = [p.node_id for p in swarm.peers]
+        for key in keys:
+            assert {c.id for c in owners[key]} == closest_ids(everyone, key, 3)
+            assert owners[key] == sorted(
+                owners[key], key=lambda c, k=key: c.distance(k)
+            )
