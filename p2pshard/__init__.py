@@ -10,9 +10,12 @@ Layers, bottom up:
 - ``records``     name records: model name -> manifest, versioned
 - ``dht``         kademlia: owners of a key, name records over UDP
 - ``server``      a peer's HTTP API: shard GET/HEAD/PUT, status
+- ``wire``        blocking HTTP/1.1 shard GETs in worker threads (strict, verified)
+- ``memory``      fresh buffers for loaded arrays, populated cheaply
 - ``transfer``    verified HTTP fetch with failover; uploads
 - ``replication`` placement on the k closest peers; completing owner sets
 - ``publish``     checkpoint -> shards -> manifest -> name record
+- ``schedule``    which shard a load asks which peer for, and when
 - ``loader``      name -> manifest -> concurrent verified fetch -> arrays/files
 - ``peer``        a peer's lifecycle; ``client`` the public client; ``cli``
 """

@@ -3,13 +3,22 @@
 Resolve the name, fetch and validate the manifest, plan which shards the
 wanted tensors need, look up their owners all at once, then fetch many shards
 concurrently, each streamed and hash-checked, failing over between replicas.
+When every known holder of a shard failed, its holders are looked up again
+(a peer may have moved to a new address, or a new holder appeared) after a
+short back-off: until ``Settings.load_deadline`` if one is set, else
+``Settings.relookup_rounds`` times. A load that fails raises one error naming
+every shard still missing and the peers tried for each, and lets go of its
+buffers first.
 
 Arrays: the needed shards of each file land back to back in one buffer, in file
 order. A tensor's shards are consecutive, so every tensor is a zero-copy view
 into that buffer, whether the whole model or only some tensors were asked for.
-Files: each shard is written at its offset into a temp file that is renamed
-into place only when every byte is verified, so a failed load never leaves a
-partial file under the final name.
+The buffers come from :mod:`p2pshard.memory`, populated by a thread while the
+bytes arrive.
+Files: each shard is written by the receiving worker straight to its offsets
+in a temp file (no shard buffer: memory stays flat whatever the model size),
+renamed into place only when every byte is verified, so a failed load never
+leaves a partial file under the final name.
 """
 
 from __future__ import annotations
@@ -22,9 +31,11 @@ import os
 import secrets
 import shutil
 import time
-from collections.abc import Callable, Sequence
+import traceback
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -32,23 +43,33 @@ from .chunking import overlapping
 from .dht import Contact, Dht
 from .errors import (
     DuplicateTensorError,
+    LoadDeadlineError,
+    LoadIncompleteError,
+    ManifestError,
     NameNotFoundError,
     NoTensorMatchError,
     OutputExistsError,
+    ShardUnavailableError,
     first_error,
 )
 from .formats.safetensors import TensorInfo, tensor_view, write_file
 from .hashing import shard_key
 from .manifest import FileEntry, Manifest
+from .memory import fresh_buffer
 from .records import NameRecord
+from .schedule import Dispatch
 from .settings import Settings
-from .transfer import Transfer
+from .transfer import Attempts, FileSink, MemorySink, Sink, Transfer
 
 __all__ = ["LoadStats", "Loader"]
 
 log = logging.getLogger(__name__)
 
 EXTRA_HOLDERS = 2  # peers beyond k asked for a shard, in case it moved
+RETRY_DELAY = 0.1  # first back-off before looking a shard's holders up again
+FIRST_LOOKUPS = 16  # holders looked up before the first fetch starts
+LOOKUP_BATCH = 64  # then looked up this many at a time while fetches run
+MAX_RETRY_DELAY = 1.0
 Progress = Callable[[int], None]
 
 
@@ -95,64 +116,143 @@ class Loader:
         self.stats = LoadStats()
         self._began = time.monotonic()
         self._used: set[str] = set()
+        self._attempts: dict[str, Attempts] = {}  # every shard asked for
+        self._missing: set[str] = set()  # asked for and not yet verified
+        self._deadline: float | None = None
+        self._sizes: dict[str, int] = {}
 
     # --- manifest ---------------------------------------------------------
 
     async def resolve(self, name: str) -> tuple[NameRecord, Manifest]:
-        record = await self.dht.get_record(name)
-        if record is None:
-            raise NameNotFoundError(name)
-        self.stats.name, self.stats.version = name, record.version
-        holders = await self._holders([record.manifest], self.settings.replicas)
-        data = await self.transfer.fetch_bytes(
-            record.manifest, record.manifest_size, holders[record.manifest]
-        )
+        async with self._bounded():
+            record = await self.dht.get_record(name)
+            if record is None:
+                raise NameNotFoundError(name)
+            self.stats.name, self.stats.version = name, record.version
+            if record.manifest_size > self.settings.max_manifest_size:
+                raise ManifestError(
+                    f"manifest of {record.manifest_size} bytes exceeds the limit"
+                )
+            data = bytearray(record.manifest_size)
+            wanted = {record.manifest: record.manifest_size}
+            await self._fetch_all(
+                wanted, self.settings.replicas, lambda _: MemorySink(data)
+            )
         return record, Manifest.decode(bytes(data))
 
     async def _holders(
         self, ids: Sequence[str], replicas: int
     ) -> dict[str, list[Contact]]:
+        """The owners (the ``replicas`` closest) and a few more peers of each shard."""
         keys = {shard_key(i): i for i in ids}
         owners = await self.dht.closest_many(keys, replicas + EXTRA_HOLDERS)
         return {keys[key]: contacts for key, contacts in owners.items()}
 
     # --- fetching ---------------------------------------------------------
 
-    async def _fetch_all(
-        self,
-        manifest: Manifest,
-        wanted: dict[str, int],
-        dest: Callable[[str], memoryview],
-        done: Callable[[str, memoryview], object] | None = None,
-    ) -> None:
-        """Fetch every wanted shard (id -> size) into ``dest(id)``, verified.
+    @contextlib.asynccontextmanager
+    async def _bounded(self) -> AsyncIterator[None]:
+        """Run a phase of the load under its deadline, if it has one.
 
-        ``done(id, view)`` runs after each shard is verified (it may be async).
+        When the deadline passes, whatever runs is cancelled (fetches stop
+        their workers first) and LoadDeadlineError names the missing shards.
         """
-        holders = await self._holders(list(wanted), manifest.replicas)
-        gate = asyncio.Semaphore(self.settings.fetch_concurrency)
+        limit = self.settings.load_deadline
+        if limit is None:
+            yield
+            return
+        loop = asyncio.get_running_loop()
+        if self._deadline is None:
+            self._deadline = loop.time() + limit
+        timeout = asyncio.timeout_at(self._deadline)
+        expired = False
+        try:
+            async with timeout:
+                yield
+        except TimeoutError as exc:
+            if not timeout.expired():
+                raise
+            # The cancellation that stopped the fetches went through frames
+            # (and cancelled tasks keep theirs) whose locals reach the sinks,
+            # and so the buffers: this error is the context of the one raised.
+            _clear_frames(exc)
+            expired = True
+        if expired:  # raised outside the handler: no context keeps frames alive
+            raise LoadDeadlineError(self._missing_report(), limit)
 
-        async def one(shard_id: str) -> None:
-            async with gate:
-                view = dest(shard_id)
-                contact = await self.transfer.fetch_into(
-                    shard_id, holders.get(shard_id, []), view
-                )
-                self._used.add(contact.address)
-                if done is not None:
-                    result = done(shard_id, view)
-                    if asyncio.iscoroutine(result):
-                        await result
-            if self.progress is not None:
-                self.progress(len(view))
+    def _missing_report(self) -> dict[str, dict[str, str]]:
+        return {i: dict(self._attempts[i].failures) for i in sorted(self._missing)}
 
+    async def _fetch_all(
+        self, wanted: dict[str, int], replicas: int, sink: Callable[[str], Sink]
+    ) -> None:
+        """Fetch every wanted shard (id -> size) into ``sink(id)``, verified.
+
+        Raises LoadIncompleteError naming every shard that could not be had.
+        """
+        for shard_id in wanted:
+            self._attempts.setdefault(shard_id, Attempts())
+        self._missing.update(wanted)
+        self._sizes.update(wanted)
+        holders: dict[str, list[Contact]] = {}  # filled as lookups finish
+        plan = Dispatch(
+            holders,
+            wanted,
+            self.transfer.faults,
+            self.settings.fetch_concurrency,
+            self.settings.per_peer_connections,
+            replicas,
+        )
+        unavailable = False
         try:
             async with asyncio.TaskGroup() as group:
-                for shard_id in wanted:
-                    group.create_task(one(shard_id))
+                await _Run(self, plan, group, holders, sink, replicas).run()
         except BaseExceptionGroup as group_error:
-            raise first_error(group_error) from None
-        self.stats.shards += len(wanted)
+            error = first_error(group_error)
+            if not isinstance(error, ShardUnavailableError):
+                raise error from None
+            unavailable = True
+            del error  # its traceback holds the sinks, and they the buffers
+        if unavailable:  # raised outside the handler: no context keeps frames alive
+            raise LoadIncompleteError(self._missing_report())
+
+    def _verified(self, shard_id: str, contact: Contact) -> None:
+        self._missing.discard(shard_id)
+        self._used.add(contact.address)
+        if self.progress is not None:
+            self.progress(self._sizes.get(shard_id, 0))
+
+    async def _fetch_shard(
+        self,
+        shard_id: str,
+        size: int,
+        holders: list[Contact],
+        sink: Sink,
+        replicas: int,
+        first: Contact | None = None,
+    ) -> Contact:
+        """One shard from its holders (``first`` first), looking them up again
+        while allowed."""
+        attempts = self._attempts[shard_id]
+        delay = RETRY_DELAY
+        rounds = 0
+        while True:
+            try:
+                return await self.transfer.fetch(
+                    shard_id, size, holders, sink, attempts, replicas, first
+                )
+            except ShardUnavailableError:
+                if self._deadline is None and rounds >= self.settings.relookup_rounds:
+                    raise
+            rounds += 1
+            first = None
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, MAX_RETRY_DELAY)
+            found = await self.dht.closest(
+                shard_key(shard_id), replicas + EXTRA_HOLDERS
+            )
+            log.debug("shard %s: holders looked up again: %d", shard_id, len(found))
+            holders = _merge(found, holders)
 
     def _finish(self, tensors: int, nbytes: int) -> LoadStats:
         self.stats.tensors = tensors
@@ -177,21 +277,35 @@ class Loader:
         layouts = [
             _Layout(f, [t for g, t in selected if g is f]) for f in manifest.files
         ]
-        placed: dict[str, memoryview] = {}
-        copies: list[tuple[memoryview, str]] = []
+        first: dict[str, tuple[_Layout, int]] = {}  # where each shard lands first
+        copies: list[tuple[_Layout, int, str]] = []  # same bytes again elsewhere
         wanted: dict[str, int] = {}
         for layout in layouts:
             for index in layout.chunks:
                 chunk = layout.file.chunks[index]
-                view = layout.view(index)
-                if chunk.id in placed:  # same bytes twice in the model: copy
-                    copies.append((view, chunk.id))
+                if chunk.id in first:  # same bytes twice in the model: copy
+                    copies.append((layout, index, chunk.id))
                 else:
-                    placed[chunk.id] = view
+                    first[chunk.id] = (layout, index)
                     wanted[chunk.id] = chunk.size
-        await self._fetch_all(manifest, wanted, placed.__getitem__)
-        for view, shard_id in copies:
-            view[:] = placed[shard_id]
+
+        def sink(shard_id: str) -> Sink:
+            layout, index = first[shard_id]
+            return MemorySink(layout.piece(index))
+
+        for layout in layouts:
+            layout.buffer = _fresh_buffer(layout.size)
+        try:
+            async with self._bounded():
+                await self._fetch_all(wanted, manifest.replicas, sink)
+                self.stats.shards += len(wanted)
+        except BaseException:
+            for layout in layouts:  # the caller may keep the error: free now
+                layout.release()
+            raise
+        for layout, index, shard_id in copies:
+            source, source_index = first[shard_id]
+            layout.piece(index)[:] = source.piece(source_index)
         result = {
             t.name: layout.tensor(t) for layout in layouts for t in layout.tensors
         }
@@ -221,7 +335,8 @@ class Loader:
             return out
         staging = out.parent / f".{out.name}.p2pshard-{secrets.token_hex(4)}"
         try:
-            await self._write_files(manifest, staging)
+            async with self._bounded():
+                await self._write_files(manifest, staging)
             await asyncio.to_thread(_swap_into_place, staging, out, manifest.source)
         finally:
             await asyncio.to_thread(_remove, staging)
@@ -247,17 +362,124 @@ class Loader:
                     offset = f.data_offset + f.bounds[index]
                     places.setdefault(chunk.id, []).append((fd, offset))
                     wanted[chunk.id] = chunk.size
-
-            def write(shard_id: str, view: memoryview) -> object:
-                return asyncio.to_thread(_pwrite_all, places[shard_id], view)
-
             await self._fetch_all(
-                manifest, wanted, lambda i: memoryview(bytearray(wanted[i])), write
+                wanted, manifest.replicas, lambda i: FileSink(places[i])
             )
+            self.stats.shards += len(wanted)
             await asyncio.to_thread(lambda: [os.fsync(fd) for fd in fds.values()])
         finally:
             for fd in fds.values():
                 os.close(fd)
+
+
+class _Run:
+    """Carries out a :class:`Dispatch` plan: starts the fetches it hands out,
+    settles endgame duplicates (the first verified copy wins; the other
+    request is cancelled, and a winning duplicate is copied into place only
+    after the first request let go of the destination)."""
+
+    def __init__(
+        self,
+        loader: Loader,
+        plan: Dispatch,
+        group: asyncio.TaskGroup,
+        holders: dict[str, list[Contact]],
+        sink: Callable[[str], Sink],
+        replicas: int,
+    ) -> None:
+        self.loader = loader
+        self.plan = plan
+        self.group = group
+        self.holders = holders
+        self.sink = sink
+        self.replicas = replicas
+        self.known = asyncio.Event()  # set when more holders are known
+        self.tasks: dict[
+            asyncio.Task[Contact | None], tuple[str, bytearray | None]
+        ] = {}
+
+    async def run(self) -> None:
+        plan = self.plan
+        self.group.create_task(self._look_up())
+        waiter: asyncio.Task[bool] | None = None
+        try:
+            while plan.pending or plan.unknown or self.tasks:
+                self._start()
+                waits: set[asyncio.Future[Any]] = set(self.tasks)
+                if plan.unknown:  # wake up too when more holders are known
+                    if waiter is None or waiter.done():
+                        waiter = asyncio.create_task(self.known.wait())
+                    waits.add(waiter)
+                done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                self.known.clear()
+                for task in done:
+                    if task in self.tasks:
+                        await self._settle(task)
+        finally:
+            if waiter is not None:
+                waiter.cancel()
+
+    async def _look_up(self) -> None:
+        """Look the holders up in file order, a batch at a time, so the first
+        shards start while the rest are looked up."""
+        ids = [i for i in self.plan.sizes if i in self.plan.unknown]
+        start, batch = 0, FIRST_LOOKUPS
+        while start < len(ids):
+            chunk = ids[start : start + batch]
+            found = await self.loader._holders(chunk, self.replicas)
+            for shard_id in chunk:
+                self.holders[shard_id] = found.get(shard_id, [])
+                self.plan.add(shard_id, self.holders[shard_id])
+            self.known.set()
+            start, batch = start + batch, LOOKUP_BATCH
+
+    def _start(self) -> None:
+        loader, plan = self.loader, self.plan
+        while (choice := plan.next()) is not None:
+            shard_id, first = choice
+            size = plan.sizes[shard_id]
+            fetch = loader._fetch_shard(
+                shard_id,
+                size,
+                self.holders.get(shard_id, []),
+                self.sink(shard_id),
+                self.replicas,
+                first,
+            )
+            self.tasks[self.group.create_task(fetch)] = (shard_id, None)
+        while (extra := plan.duplicate()) is not None:
+            scratch = bytearray(plan.sizes[extra.shard_id])
+            fetch = self._duplicate(extra.shard_id, extra.contact, scratch)
+            self.tasks[self.group.create_task(fetch)] = (extra.shard_id, scratch)
+
+    async def _duplicate(
+        self, shard_id: str, contact: Contact, scratch: bytearray
+    ) -> Contact | None:
+        attempts = self.loader._attempts[shard_id]
+        try:
+            return await self.loader.transfer.fetch(
+                shard_id, len(scratch), [contact], MemorySink(scratch), attempts
+            )
+        except ShardUnavailableError:
+            return None  # the first request is still running: nothing lost
+
+    async def _settle(self, task: asyncio.Task[Contact | None]) -> None:
+        shard_id, scratch = self.tasks.pop(task)
+        if task.cancelled() or task.exception() is not None:
+            return  # a failed duplicate; a failed fetch fails the TaskGroup
+        contact = task.result()
+        if contact is None or shard_id in self.plan.done:
+            return
+        others = [t for t, (i, _) in self.tasks.items() if i == shard_id]
+        for other in others:
+            other.cancel()
+            del self.tasks[other]
+        if others:
+            await asyncio.wait(others)  # each has let go of its sink
+        if scratch is not None:
+            await asyncio.to_thread(self.sink(shard_id).write, 0, memoryview(scratch))
+        self.plan.finished(shard_id)
+        self.loader._verified(shard_id, contact)
 
 
 class _Layout:
@@ -275,11 +497,16 @@ class _Layout:
         for index in self.chunks:
             self.offsets[index] = position
             position += file.chunks[index].size
-        self.buffer = np.empty(position, dtype=np.uint8)
+        self.size = position
+        self.buffer = np.empty(0, dtype=np.uint8)
 
-    def view(self, index: int) -> memoryview:
+    def piece(self, index: int) -> np.ndarray:
         start = self.offsets[index]
-        return memoryview(self.buffer[start : start + self.file.chunks[index].size])
+        return self.buffer[start : start + self.file.chunks[index].size]
+
+    def release(self) -> None:
+        """Drop the buffer (a failed load must not hold the model's memory)."""
+        self.buffer = np.empty(0, dtype=np.uint8)
 
     def tensor(self, info: TensorInfo) -> np.ndarray:
         chunks = overlapping(self.file.bounds, info.start, info.end)
@@ -307,11 +534,25 @@ def select(
     return chosen
 
 
-def _pwrite_all(places: list[tuple[int, int]], view: memoryview) -> None:
-    for fd, offset in places:
-        done = 0
-        while done < len(view):
-            done += os.pwrite(fd, view[done:], offset + done)
+def _fresh_buffer(size: int) -> np.ndarray:
+    return fresh_buffer(size)
+
+
+def _clear_frames(error: BaseException | None) -> None:
+    """Drop the locals of the finished frames an exception chain holds."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        traceback.clear_frames(error.__traceback__)
+        if error.__cause__ is not None and error.__cause__ is not error.__context__:
+            _clear_frames(error.__cause__)
+        error = error.__context__
+
+
+def _merge(found: list[Contact], known: list[Contact]) -> list[Contact]:
+    """Holders just looked up, then those known before that were not found."""
+    seen = {(c.id, c.address) for c in found}
+    return [*found, *(c for c in known if (c.id, c.address) not in seen)]
 
 
 def _write_arrays(out: Path, arrays: dict[str, np.ndarray]) -> None:

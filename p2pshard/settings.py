@@ -26,8 +26,18 @@ class Settings:
     connect_timeout: seconds to open an HTTP connection to a peer.
     read_timeout: seconds allowed between two bytes of an HTTP body; a peer that
         stalls longer is abandoned and the shard retried elsewhere.
+    min_rate: bytes per second a shard body must average over every
+        ``read_timeout`` window; a peer that trickles slower is abandoned.
     request_timeout: seconds for a whole shard request, as a last resort.
-    fetch_concurrency: shard requests a load keeps in flight at once.
+    fetch_concurrency: shard requests a load keeps in flight at once (and the
+        worker threads that receive them).
+    load_deadline: seconds a whole load may take; when it passes, the load
+        fails with every shard still missing and the peers tried. ``None``: no
+        deadline. With a deadline, a shard whose holders all failed is retried
+        (holders looked up again) until the deadline.
+    relookup_rounds: without a deadline, how many times the holders of a shard
+        are looked up again after every known holder failed, before the load
+        fails.
     per_peer_connections: keep-alive connections a client opens to one peer.
     max_manifest_size: largest manifest accepted from the network.
     repair_interval: seconds between a peer's repair passes (jittered by 20%).
@@ -50,8 +60,11 @@ class Settings:
     rpc_timeout: float = 2.0
     connect_timeout: float = 3.0
     read_timeout: float = 10.0
+    min_rate: float = 128 * 1024
     request_timeout: float = 120.0
     fetch_concurrency: int = 8
+    load_deadline: float | None = None
+    relookup_rounds: int = 2
     per_peer_connections: int = 4
     max_manifest_size: int = 64 * MIB
     repair_interval: float = 60.0

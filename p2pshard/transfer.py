@@ -1,43 +1,119 @@
 """Moving shard bytes between peers over HTTP: verified fetch with failover.
 
-A fetch streams the body straight into its destination buffer while hashing
-it, so bytes are copied once, and only a body of exactly the right length that
-hashes to the shard id counts. On a refused connection, an error status, a
-stall longer than ``read_timeout``, a short or long body or a wrong hash, the
-shard is retried on the next holder and the fault counted against the peer;
-holders are tried in order of fewest faults, then fewest bytes in flight, so
-load spreads over replicas and a bad peer drifts to the back.
+Fetching. Each request for a shard body is a :class:`wire.Request` run in a
+worker thread (see :mod:`p2pshard.wire` for why and for the response rules):
+the body streams into its sink (:class:`MemorySink` receives straight into
+memory, :class:`FileSink` through a small reused buffer) while it is hashed,
+and only a body of exactly the right length that hashes to the shard id
+counts. Holders are tried owners first, then by fewest faults, then fewest
+bytes in flight, so requests spread over replicas and a faulty peer drifts
+to the back (the loader's :mod:`p2pshard.schedule` picks the first one).
+On a refused connection, an error status, a stall or a trickle, a short or
+long body or wrong bytes, the shard goes to the next holder and the fault is
+counted against the peer; a 404 ("not held") is no fault. A peer that served
+wrong bytes is never asked for that shard again (:class:`Attempts` remembers
+it across rounds). At most ``per_peer_connections`` requests run per peer;
+waiting for one of those slots happens before the request's clocks start, so
+a peer is blamed only for its own slowness. A cancelled fetch stops its
+worker and waits until the worker has let go of the sink.
+
+A retry is always a fresh request for the whole shard, never a Range request
+for the rest: the bytes of a failed attempt are overwritten, so nothing from
+a failed source is ever mixed into what is verified, and resuming would save
+at most one shard's transfer per failure.
+
+Uploads and the small JSON/msgpack requests go through aiohttp in the event
+loop.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 from collections import defaultdict
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 import msgpack
+import numpy as np
 
+from . import wire
 from .dht import Contact
-from .errors import HashMismatchError, ShardUnavailableError
-from .hashing import Hasher
+from .errors import ShardUnavailableError
+from .memory import populate
 from .server import REPLICATE_HEADER
 from .settings import Settings
+from .wire import BadBytes, NotHeld, PeerError, Sink
 
-__all__ = ["PeerError", "Transfer"]
+__all__ = [
+    "Attempts",
+    "FileSink",
+    "MemorySink",
+    "NotHeld",
+    "PeerError",
+    "Sink",
+    "Transfer",
+]
 
 log = logging.getLogger(__name__)
 
 BODY_CHUNK = 1024 * 1024
 
 
-class PeerError(Exception):
-    """One peer failed one request; internal, turned into failover."""
+@dataclass
+class Attempts:
+    """What became of one shard's requests so far, across rounds of holders."""
+
+    failures: dict[str, str] = field(default_factory=dict)  # address -> why
+    bad: set[str] = field(default_factory=set)  # addresses that sent wrong bytes
+    bad_ids: set[bytes] = field(default_factory=set)  # their node ids
+    requests: int = 0
+
+    def excluded(self, contact: Contact) -> bool:
+        return contact.address in self.bad or contact.id in self.bad_ids
+
+    def failed(self, contact: Contact, error: PeerError) -> None:
+        self.failures[contact.address] = str(error) or type(error).__name__
+        if isinstance(error, BadBytes):
+            self.bad.add(contact.address)
+            self.bad_ids.add(contact.id)
 
 
-class NotHeld(PeerError):
-    """The peer answered that it does not hold the shard: no fault of its own."""
+class MemorySink:
+    """Receive a shard straight into a writable byte buffer of its size."""
+
+    def __init__(self, dest: memoryview | np.ndarray | bytearray) -> None:
+        self.memory: memoryview | None = memoryview(dest).cast("B")
+
+    def prepare(self) -> None:
+        assert self.memory is not None
+        populate(self.memory)
+
+    def write(self, offset: int, piece: memoryview) -> None:
+        assert self.memory is not None
+        self.memory[offset : offset + len(piece)] = piece
+
+
+class FileSink:
+    """Write a shard at ``(fd, offset)`` of every place it appears."""
+
+    memory: memoryview | None = None
+
+    def __init__(self, places: Sequence[tuple[int, int]]) -> None:
+        self.places = list(places)
+
+    def prepare(self) -> None:
+        pass
+
+    def write(self, offset: int, piece: memoryview) -> None:
+        for fd, base in self.places:
+            done = 0
+            while done < len(piece):
+                done += os.pwrite(fd, piece[done:], base + offset + done)
 
 
 class _ShardPayload(aiohttp.payload.Payload):
@@ -63,14 +139,29 @@ class _ShardPayload(aiohttp.payload.Payload):
 
 
 class Transfer:
-    """An HTTP client to the swarm's peers; use as an async context manager."""
+    """An HTTP client to the swarm's peers; use as an async context manager.
+
+    ``faults``, ``inflight`` (bytes), ``served`` (verified bytes) and
+    ``received`` (body bytes read, good or bad) are kept per peer address.
+    """
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.faults: dict[str, int] = defaultdict(int)
         self.inflight: dict[str, int] = defaultdict(int)
-        self.served: dict[str, int] = defaultdict(int)  # bytes received per peer
+        self.served: dict[str, int] = defaultdict(int)
+        self.received: dict[str, int] = defaultdict(int)
+        self.limits = wire.Limits(
+            connect_timeout=settings.connect_timeout,
+            read_timeout=settings.read_timeout,
+            min_rate=settings.min_rate,
+            request_timeout=settings.request_timeout,
+        )
+        self.pool = wire.Pool(settings.per_peer_connections)
         self._session: aiohttp.ClientSession | None = None
+        self._workers: ThreadPoolExecutor | None = None
+        self._slots: dict[str, asyncio.Semaphore] = {}
+        self._running: set[wire.Request] = set()
 
     async def __aenter__(self) -> Transfer:
         connector = aiohttp.TCPConnector(
@@ -91,6 +182,13 @@ class Transfer:
         await self.close()
 
     async def close(self) -> None:
+        """Stop requests still running, close every connection, join the workers."""
+        for request in list(self._running):
+            request.abort()
+        self.pool.close()
+        workers, self._workers = self._workers, None
+        if workers is not None:
+            await asyncio.to_thread(workers.shutdown, True)
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -103,35 +201,69 @@ class Transfer:
 
     # --- fetching ---------------------------------------------------------
 
-    def rank(self, holders: Sequence[Contact]) -> list[Contact]:
-        """Holders in the order to try them: fewest faults, then least busy."""
-        return sorted(
-            holders, key=lambda c: (self.faults[c.address], self.inflight[c.address])
+    def rank(
+        self, holders: Sequence[Contact], owners: int | None = None
+    ) -> list[Contact]:
+        """Holders in the order to try them: the first ``owners`` of them (those
+        expected to hold the shard; all by default) before the others, then
+        fewest faults, then fewest bytes in flight."""
+        owners = len(holders) if owners is None else owners
+        ranked = sorted(
+            enumerate(holders),
+            key=lambda item: (
+                item[0] >= owners,
+                self.faults[item[1].address],
+                self.inflight[item[1].address],
+            ),
         )
+        return [contact for _, contact in ranked]
+
+    async def fetch(
+        self,
+        shard_id: str,
+        size: int,
+        holders: Sequence[Contact],
+        sink: Sink,
+        attempts: Attempts | None = None,
+        owners: int | None = None,
+        first: Contact | None = None,
+    ) -> Contact:
+        """Stream the shard's verified bytes into ``sink``; returns the peer used.
+
+        Each holder is tried at most once: ``first`` if given, then the others
+        in :meth:`rank` order, skipping those ``attempts`` excludes. Raises
+        ShardUnavailableError when every holder failed (``attempts`` then
+        tells how each failed).
+        """
+        attempts = attempts if attempts is not None else Attempts()
+        order = self.rank(holders, owners)
+        if first is not None:
+            order = [first, *(c for c in order if c != first)]
+        for contact in order:
+            if attempts.excluded(contact):
+                continue
+            address = contact.address
+            self.inflight[address] += size
+            attempts.requests += 1
+            try:
+                await self._request(contact, shard_id, size, sink)
+            except PeerError as exc:
+                attempts.failed(contact, exc)
+                if not isinstance(exc, NotHeld):
+                    self.faults[address] += 1
+                log.debug("shard %s from %s failed: %s", shard_id, address, exc)
+                continue
+            finally:
+                self.inflight[address] -= size
+            self.served[address] += size
+            return contact
+        raise ShardUnavailableError(shard_id, dict(attempts.failures))
 
     async def fetch_into(
         self, shard_id: str, holders: Sequence[Contact], dest: memoryview
     ) -> Contact:
-        """Fill ``dest`` with the shard's verified bytes; returns the peer used.
-
-        Raises ShardUnavailableError when every holder failed.
-        """
-        failures: dict[str, str] = {}
-        for contact in self.rank(holders):
-            self.inflight[contact.address] += len(dest)
-            try:
-                await self._get(contact, shard_id, dest)
-            except (PeerError, aiohttp.ClientError, TimeoutError, OSError) as exc:
-                failures[contact.address] = str(exc) or type(exc).__name__
-                if not isinstance(exc, NotHeld):
-                    self.faults[contact.address] += 1
-                log.debug("shard %s from %s failed: %r", shard_id, contact.address, exc)
-                continue
-            finally:
-                self.inflight[contact.address] -= len(dest)
-            self.served[contact.address] += len(dest)
-            return contact
-        raise ShardUnavailableError(shard_id, failures)
+        """Fill ``dest`` with the shard's verified bytes; returns the peer used."""
+        return await self.fetch(shard_id, len(dest), holders, MemorySink(dest))
 
     async def fetch_bytes(
         self, shard_id: str, size: int, holders: Sequence[Contact]
@@ -140,30 +272,42 @@ class Transfer:
         await self.fetch_into(shard_id, holders, memoryview(buffer))
         return buffer
 
-    async def _get(self, contact: Contact, shard_id: str, dest: memoryview) -> None:
-        size = len(dest)
-        url = f"{contact.url}/v1/shards/{shard_id}"
-        hasher = Hasher(max_threads=1)
-        async with self.session.get(url) as resp:
-            if resp.status == 404:
-                raise NotHeld("not held")
-            if resp.status != 200:
-                raise PeerError(f"HTTP {resp.status}")
-            if resp.content_length is not None and resp.content_length != size:
-                raise PeerError(f"announced {resp.content_length} of {size} bytes")
-            pos = 0
-            async for chunk in resp.content.iter_chunked(BODY_CHUNK):
-                end = pos + len(chunk)
-                if end > size:
-                    raise PeerError(f"body longer than {size} bytes")
-                dest[pos:end] = chunk
-                hasher.update(chunk)
-                pos = end
-        if pos != size:
-            raise PeerError(f"short body: {pos} of {size} bytes")
-        actual = hasher.hexdigest()
-        if actual != shard_id:
-            raise PeerError(str(HashMismatchError(shard_id, actual, contact.address)))
+    async def _request(
+        self, contact: Contact, shard_id: str, size: int, sink: Sink
+    ) -> None:
+        address = (contact.host, contact.port)
+        request = wire.Request(self.pool, address, shard_id, size, sink, self.limits)
+        async with self._slot(contact.address):
+            future = asyncio.wrap_future(self._submit(request))
+            self._running.add(request)
+            try:
+                await asyncio.shield(future)
+            except asyncio.CancelledError:
+                request.abort()
+                await _settle(future)
+                raise
+            finally:
+                self._running.discard(request)
+                self.received[contact.address] += request.received
+                # An error raised here keeps this frame in its traceback; the
+                # future holds that error (a cycle) and the request its sink.
+                del future, request
+
+    def _slot(self, address: str) -> asyncio.Semaphore:
+        slot = self._slots.get(address)
+        if slot is None:
+            slot = self._slots[address] = asyncio.Semaphore(
+                self.settings.per_peer_connections
+            )
+        return slot
+
+    def _submit(self, request: wire.Request) -> Future[None]:
+        if self._workers is None:
+            self._workers = ThreadPoolExecutor(
+                max_workers=max(self.settings.fetch_concurrency, 1),
+                thread_name_prefix="p2pshard-fetch",
+            )
+        return self._workers.submit(request.run)
 
     # --- storing ----------------------------------------------------------
 
@@ -213,3 +357,15 @@ class Transfer:
             if resp.status != 200:
                 raise PeerError(f"HTTP {resp.status}")
             return msgpack.unpackb(await resp.read(), raw=False)
+
+
+async def _settle(future: asyncio.Future[None]) -> None:
+    """Wait until a worker is done with its request, even if cancelled again
+    meanwhile: it must have let go of the sink before the caller moves on."""
+    while not future.done():
+        try:
+            await asyncio.wait([future])
+        except asyncio.CancelledError:
+            continue
+    if not future.cancelled():
+        future.exception()  # retrieved: the caller raises its own error
