@@ -61,6 +61,7 @@ log = logging.getLogger(__name__)
 
 MAX_DATAGRAM = 8192
 MAX_MEMBERS = 4096  # most peers a crawl collects
+CRAWL_CONCURRENCY = 32  # find_node calls a crawl keeps in flight
 MANY_KEYS = 8  # from this many keys on, owners come from one crawl, not lookups
 VIEW_TTL = 10.0  # seconds a crawl of the swarm is reused
 REQUEST, RESPONSE = b"\x00", b"\x01"
@@ -486,11 +487,17 @@ class Dht:
             alive[me.id] = me
             known.pop(me.id, None)
         frontier = list(known.values())
+        gate = asyncio.Semaphore(CRAWL_CONCURRENCY)  # no burst of datagrams
+
+        async def ask(contact: Contact, key: bytes) -> list[Contact] | None:
+            async with gate:
+                return await self.find_node(contact, key)
+
         while frontier and len(known) < limit:
             asked, frontier = frontier, []
             answers = await asyncio.gather(
-                *(self.find_node(c, c.id) for c in asked),
-                *(self.find_node(c, os.urandom(KEY_BYTES)) for c in asked),
+                *(ask(c, c.id) for c in asked),
+                *(ask(c, os.urandom(KEY_BYTES)) for c in asked),
             )
             for contact, near, far in zip(asked, answers, answers[len(asked) :]):
                 if near is None and far is None:
@@ -707,6 +714,9 @@ class _Lookup:
         self.asked: set[bytes] = set()
         self.flights: dict[asyncio.Task[Any], tuple[Contact, int]] = {}
         self.sent: dict[bytes, float] = {}  # id -> when its query went out
+        # A peer heard of at a second address while its first is still being
+        # asked: if the first fails, the second is asked (it restarted elsewhere).
+        self.moved: dict[bytes, tuple[Contact, int]] = {}
         self.hops = 0
         self.budget = 4 * k + 8 * dht.settings.dht_alpha  # queries at most
 
@@ -747,13 +757,29 @@ class _Lookup:
             self.asked.add(me.id)
 
     def _offer(self, contact: Contact, depth: int) -> None:
-        if contact.id in self.candidates or contact.id in self.failed:
+        known = self.candidates.get(contact.id)
+        if known is not None:
+            if known[0] != contact:  # heard at another address: a moved peer?
+                if contact.id in self.failed:
+                    self._retry_at(contact, depth)
+                else:
+                    self.moved.setdefault(contact.id, (contact, depth))
+            return
+        if contact.id in self.failed:
             return
         if self.dht.is_peer and contact.id == self.dht.node.id:
             return  # never ask ourselves (a leaving peer is not a candidate)
         if self.dht.is_suspect(contact):
             self.failed.add(contact.id)
             return
+        self.candidates[contact.id] = (contact, depth)
+
+    def _retry_at(self, contact: Contact, depth: int) -> None:
+        """Ask a peer that failed at one address again at another."""
+        if self.dht.is_suspect(contact):
+            return
+        self.failed.discard(contact.id)
+        self.asked.discard(contact.id)
         self.candidates[contact.id] = (contact, depth)
 
     def _ranked(self) -> list[Contact]:
@@ -799,6 +825,9 @@ class _Lookup:
         answer = None if task.cancelled() or task.exception() else task.result()
         if answer is None:
             self.failed.add(contact.id)
+            elsewhere = self.moved.pop(contact.id, None)
+            if elsewhere is not None:
+                self._retry_at(*elsewhere)
             return
         self.alive[contact.id] = contact
         self.hops = max(self.hops, depth + 1)

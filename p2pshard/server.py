@@ -27,6 +27,7 @@ import os
 import re
 from typing import TYPE_CHECKING, BinaryIO
 
+import aiohttp
 import msgpack
 from aiohttp import hdrs, web, web_fileresponse
 from aiohttp.abc import AbstractStreamWriter
@@ -242,6 +243,11 @@ async def put_shard(request: web.Request) -> web.Response:
         raise web.HTTPBadRequest(text=f"{exc}\n") from None
     except ValueError as exc:
         raise web.HTTPBadRequest(text=f"{exc}\n") from None
+    except (ConnectionError, aiohttp.ClientPayloadError) as exc:
+        # The uploader went away mid-body (a peer stopping, say): nothing was
+        # stored, and there is no one left to answer.
+        log.debug("upload of %s broke off: %r", shard_id, exc)
+        raise web.HTTPBadRequest(text="upload broke off\n") from None
     if replicas:
         peer.replicate_later(shard_id, replicas)
     return web.Response(status=201 if created else 200)

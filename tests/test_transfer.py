@@ -695,13 +695,6 @@ async def test_a_source_that_goes_silent_is_abandoned_by_the_watchdog(
     assert transfer.faults[silent.address] == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="dht._Lookup keys candidates and failures by node id, and the "
-    "client's table still has the old address: the new one is never asked "
-    "(for SUSPECT_SECONDS). TODO for dht.py: prefer an address heard from a peer "
-    "over one that failed, per (id, address).",
-)
 async def test_a_restarted_peer_on_a_new_port_is_found_through_the_dht(
     swarm: Swarm, tmp_path: Path
 ) -> None:
