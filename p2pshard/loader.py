@@ -66,6 +66,7 @@ __all__ = ["LoadStats", "Loader"]
 log = logging.getLogger(__name__)
 
 EXTRA_HOLDERS = 2  # peers beyond k asked for a shard, in case it moved
+REPORT_TIMEOUT = 2.0  # seconds a load spends telling owners of their gaps
 RETRY_DELAY = 0.1  # first back-off before looking a shard's holders up again
 FIRST_LOOKUPS = 16  # holders looked up before the first fetch starts
 LOOKUP_BATCH = 64  # then looked up this many at a time while fetches run
@@ -215,6 +216,28 @@ class Loader:
             del error  # its traceback holds the sinks, and they the buffers
         if unavailable:  # raised outside the handler: no context keeps frames alive
             raise LoadIncompleteError(self._missing_report())
+        await self._report_gaps(wanted, holders, replicas)
+
+    async def _report_gaps(
+        self, wanted: dict[str, int], holders: dict[str, list[Contact]], replicas: int
+    ) -> None:
+        """Read repair: owners found without their copy are told, so they fetch
+        it; bounded in time, and a failure here never fails the load."""
+        gaps: dict[Contact, list[tuple[str, int]]] = {}
+        for shard_id, size in wanted.items():
+            owners = holders.get(shard_id, [])[:replicas]
+            for contact in self._attempts[shard_id].not_held:
+                if contact in owners:
+                    gaps.setdefault(contact, []).append((shard_id, size))
+        if not gaps:
+            return
+        log.info("read repair: %d owners lack shards they should hold", len(gaps))
+        calls = [self.transfer.report_gaps(c, g) for c, g in gaps.items()]
+        try:
+            async with asyncio.timeout(REPORT_TIMEOUT):
+                await asyncio.gather(*calls, return_exceptions=True)
+        except TimeoutError:
+            log.debug("read-repair reports timed out")
 
     def _verified(self, shard_id: str, contact: Contact) -> None:
         self._missing.discard(shard_id)

@@ -104,6 +104,8 @@ class Repairer:
         self.limit = RateLimit(self.settings.repair_rate)
         self.last: RepairStats | None = None
         self.passes = 0
+        self.pulled = 0  # shards fetched back (read repair, corruption)
+        self.pull_done = asyncio.Event()  # set each time a shard is fetched back
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
 
@@ -305,6 +307,8 @@ class Repairer:
             try:
                 await store.single_flight(shard_id, one)
                 fetched += 1
+                self.pulled += 1
+                self.pull_done.set()
             except NET_ERRORS as exc:
                 log.warning("could not fetch shard %s back: %s", shard_id, exc)
         return fetched

@@ -72,12 +72,15 @@ class Attempts:
     bad: set[str] = field(default_factory=set)  # addresses that sent wrong bytes
     bad_ids: set[bytes] = field(default_factory=set)  # their node ids
     requests: int = 0
+    not_held: list[Contact] = field(default_factory=list)  # asked, had no copy
 
     def excluded(self, contact: Contact) -> bool:
         return contact.address in self.bad or contact.id in self.bad_ids
 
     def failed(self, contact: Contact, error: PeerError) -> None:
         self.failures[contact.address] = str(error) or type(error).__name__
+        if isinstance(error, NotHeld):
+            self.not_held.append(contact)
         if isinstance(error, BadBytes):
             self.bad.add(contact.address)
             self.bad_ids.add(contact.id)
@@ -333,6 +336,16 @@ class Transfer:
             if resp.status not in (200, 201):
                 raise PeerError(f"HTTP {resp.status}: {text.strip()}")
             return resp.status == 201
+
+    async def report_gaps(
+        self, contact: Contact, gaps: Sequence[tuple[str, int]]
+    ) -> None:
+        """Tell an owner which of its shards it lacks; it fetches them itself."""
+        url = f"{contact.url}/v1/shards/fetch"
+        body = msgpack.packb([[i, n] for i, n in gaps])
+        async with self.session.post(url, data=body) as resp:
+            if resp.status != 202:
+                raise PeerError(f"HTTP {resp.status}")
 
     async def has(self, contact: Contact, ids: Sequence[str]) -> set[str]:
         """Which of ``ids`` one peer holds (one batched request)."""

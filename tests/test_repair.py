@@ -3,6 +3,7 @@ scrubbing corrupt files, and name records outliving their first holders."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import replace
 
 import numpy as np
@@ -154,3 +155,21 @@ async def test_name_record_outlives_its_first_holders(swarm: Swarm) -> None:
     assert any(p.records.get(key) is not None for p in swarm.peers)
     async with swarm.client() as client:
         assert_same(await client.load("acme/durable"), arrays)
+
+
+async def test_loader_reports_an_owner_that_lost_its_copies(swarm: Swarm) -> None:
+    """Read repair: a load that meets an owner without its shards tells it."""
+    await swarm.grow(6)
+    arrays, shard_ids = await publish_model(swarm)
+    owner = max(swarm.peers, key=lambda p: sum(i in p.store for i in shard_ids))
+    lost = {i: owner.store.size(i) for i in shard_ids if i in owner.store}
+    assert len(lost) >= 3
+    for shard_id in lost:
+        owner.store.delete(shard_id)
+    async with swarm.client() as client:
+        assert_same(await client.load("acme/tiny"), arrays)
+    # The owner fetches back, on its own, what the loader found missing (a
+    # pull: repair passes push, they do not pull).
+    await asyncio.wait_for(owner.repairer.pull_done.wait(), 20)
+    assert owner.repairer.pulled >= 1
+    assert any(i in owner.store for i in lost)
