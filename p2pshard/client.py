@@ -34,8 +34,6 @@ __all__ = ["Client"]
 
 log = logging.getLogger(__name__)
 
-MAX_CRAWL = 10_000
-
 
 class Client:
     """A connection to a swarm; ``async with Client(bootstrap)`` opens it.
@@ -149,25 +147,8 @@ class Client:
     # --- the swarm --------------------------------------------------------
 
     async def peers(self) -> list[Contact]:
-        """Every live peer reachable from the bootstrap, found by crawling."""
-        seen: dict[bytes, Contact] = {c.id: c for c in self.dht.contacts()}
-        live: dict[bytes, Contact] = {}
-        frontier = list(seen.values())
-        while frontier and len(seen) < MAX_CRAWL:
-            asked, frontier = frontier, []
-            answers = await asyncio.gather(
-                *(self.transfer.get_json(c, "/v1/peers") for c in asked),
-                return_exceptions=True,
-            )
-            for contact, answer in zip(asked, answers):
-                if isinstance(answer, BaseException) or not isinstance(answer, list):
-                    continue
-                live[contact.id] = contact
-                for found in _contacts_from_json(answer):
-                    if found.id not in seen:
-                        seen[found.id] = found
-                        frontier.append(found)
-        return sorted(live.values(), key=lambda c: (c.host, c.port))
+        """Every live peer reachable from the bootstrap, found by a fresh crawl."""
+        return sorted(await self.dht.crawl(), key=lambda c: (c.host, c.port))
 
     async def list(self) -> list[NameRecord]:
         """Every published name (newest version of each), from all peers."""
@@ -225,19 +206,6 @@ class Client:
         if not isinstance(state, dict) or not isinstance(shards, list):
             raise PeerError("malformed status")
         return state, shards
-
-
-def _contacts_from_json(answer: list[Any]) -> list[Contact]:
-    found = []
-    for row in answer[:MAX_CRAWL]:
-        try:
-            node_id = bytes.fromhex(row["id"])
-            host, port = str(row["host"]), int(row["port"])
-        except (KeyError, TypeError, ValueError):
-            continue
-        if len(node_id) == 20 and 0 < port < 65536:
-            found.append(Contact(node_id, host, port))
-    return found
 
 
 def _records_from_json(answer: Any) -> list[NameRecord]:
