@@ -27,6 +27,7 @@ from .formats.checkpoint import scan_path
 from .hashing import check_name
 from .peer import Peer
 from .settings import MIB, Settings
+from .store import DEFAULT_MAX_SHARD
 
 __all__ = ["main"]
 
@@ -48,6 +49,20 @@ def _positive(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return int(text)
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 0 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port 0-65535, got {text!r}")
+    return int(text)
+
+
+def _shard_mib(text: str) -> int:
+    limit = DEFAULT_MAX_SHARD // MIB
+    value = _positive(text)
+    if value > limit:
+        raise argparse.ArgumentTypeError(f"shard size must be 1-{limit} MiB")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("peer", "run a peer until SIGINT or SIGTERM")
     p.add_argument("--host", default="127.0.0.1", help="interface (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=0, help="UDP+TCP port (0: any free)")
+    p.add_argument("--port", type=_port, default=0, help="UDP+TCP port (0: any free)")
     p.add_argument("--data", required=True, metavar="DIR", help="data directory")
     p.add_argument(
         "--capacity", type=_positive, metavar="BYTES", help="most bytes held"
@@ -119,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quorum", type=_positive, help="replicas to wait for (default k)")
     p.add_argument(
         "--shard-size",
-        type=_positive,
+        type=_shard_mib,
         default=16,
         metavar="MIB",
         help="largest shard in MiB (default 16)",
@@ -132,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--tensors",
         nargs="+",
+        action="extend",
         metavar="GLOB",
         help="only tensors matching these patterns (one safetensors file)",
     )

@@ -224,15 +224,20 @@ class Loader:
         """Read repair: owners found without their copy are told, so they fetch
         it; bounded in time, and a failure here never fails the load."""
         gaps: dict[Contact, list[tuple[str, int]]] = {}
+        bad: dict[Contact, list[str]] = {}
         for shard_id, size in wanted.items():
             owners = holders.get(shard_id, [])[:replicas]
-            for contact in self._attempts[shard_id].not_held:
+            attempts = self._attempts[shard_id]
+            for contact in attempts.not_held:
                 if contact in owners:
                     gaps.setdefault(contact, []).append((shard_id, size))
-        if not gaps:
+            for contact in attempts.liars:
+                bad.setdefault(contact, []).append(shard_id)
+        if not gaps and not bad:
             return
-        log.info("read repair: %d owners lack shards they should hold", len(gaps))
+        log.info("read repair: %d peers lack or hold bad copies", len(gaps) + len(bad))
         calls = [self.transfer.report_gaps(c, g) for c, g in gaps.items()]
+        calls += [self.transfer.report_bad(c, ids) for c, ids in bad.items()]
         try:
             async with asyncio.timeout(REPORT_TIMEOUT):
                 await asyncio.gather(*calls, return_exceptions=True)

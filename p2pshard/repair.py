@@ -313,6 +313,22 @@ class Repairer:
                 log.warning("could not fetch shard %s back: %s", shard_id, exc)
         return fetched
 
+    async def recheck(self, ids: Sequence[str]) -> int:
+        """Hash these held shards again now; fetch good copies of bad ones.
+        Returns how many were bad."""
+        store = self.peer.store
+        bad = []
+        for shard_id in ids:
+            if shard_id in store:
+                size = store.size(shard_id)
+                if not await store.check(shard_id):
+                    bad.append((shard_id, size))
+        if bad:
+            log.warning("%d shards were corrupt; fetching them again", len(bad))
+            self.peer.scrub_failures += len(bad)
+            await self.pull(bad)
+        return len(bad)
+
     async def scrub(self) -> None:
         """Re-hash every held shard, forever, at ``scrub_rate`` bytes per second."""
         while True:

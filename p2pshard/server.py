@@ -14,6 +14,8 @@ Routes (ids are checked against one strict pattern before anything else runs):
   no longer owned here, kept until room is needed).
 - ``POST /v1/shards/fetch``: msgpack list of ``[id, size]`` this peer should
   hold but lacks (a loader found the gap): it fetches them from replicas.
+- ``POST /v1/shards/check``: msgpack list of ids a loader got bad bytes for:
+  they are hashed again, and a bad copy quarantined and fetched again.
 - ``GET /v1/records``: name records held, as JSON; ``POST /v1/records``: one
   msgpack-encoded record to hold (kept only if valid and newer).
 - ``GET /v1/status`` and ``GET /v1/peers``: JSON about this peer and its contacts.
@@ -63,6 +65,7 @@ def make_app(peer: Peer) -> web.Application:
     app.router.add_put("/v1/shards/{id}", put_shard)
     app.router.add_post("/v1/shards/has", has_shards)
     app.router.add_post("/v1/shards/fetch", fetch_shards)
+    app.router.add_post("/v1/shards/check", check_shards)
     app.router.add_get("/v1/shards", list_shards)
     app.router.add_get("/v1/records", list_records)
     app.router.add_post("/v1/records", offer_record)
@@ -296,6 +299,19 @@ async def fetch_shards(request: web.Request) -> web.Response:
         pulls.append((entry[0], entry[1]))
     if pulls:
         peer.spawn(peer.repairer.pull(pulls))
+    return web.Response(status=202)
+
+
+async def check_shards(request: web.Request) -> web.Response:
+    """A loader got bad bytes from us: hash these copies again, in the
+    background; a bad one is quarantined and fetched again from a replica."""
+    peer = _peer(request)
+    ids = await _msgpack_body(request)
+    if not isinstance(ids, list) or len(ids) > MAX_HAS_IDS:
+        raise web.HTTPBadRequest(text="body must be a msgpack list of ids\n")
+    held = [i for i in ids if isinstance(i, str) and i in peer.store]
+    if held:
+        peer.spawn(peer.repairer.recheck(held))
     return web.Response(status=202)
 
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 __all__ = ["MIB", "Settings"]
 
 MIB = 1024 * 1024
+MAX_SHARD_SIZE = 256 * MIB  # what a peer's store accepts (store.DEFAULT_MAX_SHARD)
 
 
 @dataclass(frozen=True)
@@ -79,8 +80,8 @@ class Settings:
         quorum = self.quorum
         if not 1 <= quorum <= self.replicas:
             raise ValueError("write_quorum must be between 1 and replicas")
-        if self.shard_size < 1:
-            raise ValueError("shard_size must be positive")
+        if not 1 <= self.shard_size <= MAX_SHARD_SIZE:
+            raise ValueError(f"shard_size must be 1..{MAX_SHARD_SIZE} bytes")
 
     @property
     def quorum(self) -> int:

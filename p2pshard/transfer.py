@@ -73,6 +73,7 @@ class Attempts:
     bad_ids: set[bytes] = field(default_factory=set)  # their node ids
     requests: int = 0
     not_held: list[Contact] = field(default_factory=list)  # asked, had no copy
+    liars: list[Contact] = field(default_factory=list)  # sent bytes that failed
 
     def excluded(self, contact: Contact) -> bool:
         return contact.address in self.bad or contact.id in self.bad_ids
@@ -82,6 +83,7 @@ class Attempts:
         if isinstance(error, NotHeld):
             self.not_held.append(contact)
         if isinstance(error, BadBytes):
+            self.liars.append(contact)
             self.bad.add(contact.address)
             self.bad_ids.add(contact.id)
 
@@ -341,9 +343,16 @@ class Transfer:
         self, contact: Contact, gaps: Sequence[tuple[str, int]]
     ) -> None:
         """Tell an owner which of its shards it lacks; it fetches them itself."""
-        url = f"{contact.url}/v1/shards/fetch"
         body = msgpack.packb([[i, n] for i, n in gaps])
-        async with self.session.post(url, data=body) as resp:
+        await self._post_202(contact, "/v1/shards/fetch", body)
+
+    async def report_bad(self, contact: Contact, ids: Sequence[str]) -> None:
+        """Tell a peer it served bytes that failed their hash: it re-checks its
+        copies, quarantines the bad ones and fetches good ones."""
+        await self._post_202(contact, "/v1/shards/check", msgpack.packb(list(ids)))
+
+    async def _post_202(self, contact: Contact, path: str, body: bytes) -> None:
+        async with self.session.post(f"{contact.url}{path}", data=body) as resp:
             if resp.status != 202:
                 raise PeerError(f"HTTP {resp.status}")
 

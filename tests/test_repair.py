@@ -173,3 +173,20 @@ async def test_loader_reports_an_owner_that_lost_its_copies(swarm: Swarm) -> Non
     await asyncio.wait_for(owner.repairer.pull_done.wait(), 20)
     assert owner.repairer.pulled >= 1
     assert any(i in owner.store for i in lost)
+
+
+async def test_peer_told_of_bad_bytes_rechecks_and_refetches(swarm: Swarm) -> None:
+    """A loader that got wrong bytes from a peer tells it (POST /v1/shards/check)."""
+    await swarm.grow(6)
+    _, shard_ids = await publish_model(swarm)
+    liar = max(swarm.peers, key=lambda p: sum(i in p.store for i in shard_ids))
+    victim = next(i for i in shard_ids if i in liar.store)
+    path = await liar.store.verified_path(victim)  # verified, then damaged
+    raw = bytearray(path.read_bytes())
+    raw[0] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    async with swarm.client() as client:
+        await client.transfer.report_bad(liar.contact, [victim])
+    await asyncio.wait_for(liar.repairer.pull_done.wait(), 20)
+    assert liar.scrub_failures == 1
+    assert await liar.store.check(victim)

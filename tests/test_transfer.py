@@ -76,6 +76,7 @@ class FakePeer:
         self.node_id = node_id or os.urandom(20)
         self.on_die = on_die
         self.requests: list[tuple[str, list[bytes]]] = []
+        self.reports: list[bytes] = []  # POSTs a loader sent (read repair)
         self.sent = 0
         self.port = 0
         self._server: asyncio.Server | None = None
@@ -125,6 +126,9 @@ class FakePeer:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
                 lines = head.split(b"\r\n")
+                if not lines[0].startswith(b"GET "):  # a loader's repair report
+                    await self._accept_report(reader, writer, lines)
+                    continue
                 shard_id = lines[0].split(b" ")[1].rsplit(b"/", 1)[-1].decode()
                 mode = self._mode(shard_id)
                 self.requests.append((shard_id, lines[1:]))
@@ -151,6 +155,25 @@ class FakePeer:
         """Wait until this peer has sent ``count`` body bytes."""
         async with self._progress:
             await self._progress.wait_for(lambda: self.sent >= count)
+
+    async def _accept_report(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        lines: list[bytes],
+    ) -> None:
+        length = next(
+            (
+                int(x.split(b":")[1])
+                for x in lines
+                if x.lower().startswith(b"content-length")
+            ),
+            0,
+        )
+        await reader.readexactly(length)
+        self.reports.append(lines[0])
+        writer.write(b"HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
 
     async def _answer(
         self, writer: asyncio.StreamWriter, shard_id: str, mode: Mode
