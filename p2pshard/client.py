@@ -22,11 +22,12 @@ import numpy as np
 
 from .dht import Contact, Dht, parse_address
 from .errors import NameNotFoundError, NoPeersError
-from .hashing import check_name, shard_key
+from .hashing import check_name
 from .loader import Loader, LoadStats, Progress
 from .manifest import Manifest
 from .publish import PublishResult, publish
 from .records import NameRecord, RecordError
+from .repair import owners_of
 from .settings import Settings
 from .transfer import PeerError, Transfer
 
@@ -183,8 +184,7 @@ class Client:
         live = [c for c, a in zip(peers, answers) if not isinstance(a, BaseException)]
         short = 0
         for shard_id, held_by in holders.items():
-            key = int.from_bytes(shard_key(shard_id), "big")
-            owners = sorted(live, key=lambda c: int.from_bytes(c.id, "big") ^ key)[:k]
+            owners = owners_of(shard_id, live, k)
             if sum(1 for c in owners if c.id in held_by) < min(k, len(live)):
                 short += 1
         held = [row["bytes"] for row in rows]
