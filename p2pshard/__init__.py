@@ -14,6 +14,7 @@ Layers, bottom up:
 - ``memory``      fresh buffers for loaded arrays, populated cheaply
 - ``transfer``    verified HTTP fetch with failover; uploads
 - ``replication`` placement on the k closest peers; completing owner sets
+- ``balance``     even bytes per peer for one publish (splits unlucky shards)
 - ``publish``     checkpoint -> shards -> manifest -> name record
 - ``schedule``    which shard a load asks which peer for, and when
 - ``loader``      name -> manifest -> concurrent verified fetch -> arrays/files

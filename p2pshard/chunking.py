@@ -7,7 +7,9 @@ start; smaller tensors are packed together, a new shard starting whenever the
 next tensor would overflow the current one. So a tensor never shares a shard
 with part of a large tensor, and a partial load fetches only the shards its
 tensors overlap. Cuts depend only on the tensor layout and the shard size, so
-identical tensors in two versions of a model give identical shards.
+identical tensors in two versions of a model give identical shards, unless
+the publisher splits a shard further to even out the bytes each peer owns
+(p2pshard.balance).
 """
 
 from __future__ import annotations

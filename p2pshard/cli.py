@@ -261,6 +261,7 @@ async def cmd_publish(args: argparse.Namespace) -> dict[str, Any]:
         "tensors": result.tensors,
         "bytes": result.bytes,
         "shards": result.shards,
+        "spread": round(result.spread, 3),
         "seconds": round(result.seconds, 3),
         "mode": "async" if args.asynchronous else "sync",
     }

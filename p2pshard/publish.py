@@ -12,12 +12,13 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from .balance import Balance, split_point
 from .chunking import plan_blob, plan_tensors
 from .dht import Dht
 from .errors import ManifestError, NameConflictError, first_error
@@ -51,6 +52,7 @@ class PublishResult:
     shards: int
     seconds: float
     record: NameRecord
+    spread: float = 1.0  # most bytes a peer owns over its expected share
 
 
 class _Reader:
@@ -107,6 +109,13 @@ def _open_source(
     return kind, readers
 
 
+def _boundaries(f: SourceFile) -> list[int]:
+    """Tensor starts in the data region: preferred places to split a shard."""
+    if f.header is None:
+        return []
+    return sorted({t.start for t in f.header.tensors})
+
+
 def _plan(f: SourceFile, shard_size: int) -> list[tuple[int, int]]:
     header: SafetensorsHeader | None = f.header
     if header is None:
@@ -125,6 +134,7 @@ class _Uploader:
         settings: Settings,
         asynchronous: bool,
         progress: Progress | None,
+        balance: Balance | None = None,
     ) -> None:
         self.dht = dht
         self.transfer = transfer
@@ -133,35 +143,66 @@ class _Uploader:
         self.progress = progress
         self.gate = asyncio.Semaphore(UPLOAD_CONCURRENCY)
         self.uploads: dict[str, asyncio.Task[None]] = {}
+        self.balance = balance
 
     async def run(
         self, sources: list[tuple[SourceFile, _Reader]]
     ) -> tuple[FileEntry, ...]:
         async with asyncio.TaskGroup() as self.group:
-            tasks = [
-                [
-                    self.group.create_task(self.chunk(reader, start, end))
-                    for start, end in _plan(f, self.settings.shard_size)
-                ]
-                for f, reader in sources
-            ]
+            tasks = []
+            for f, reader in sources:
+                cuts = _boundaries(f)
+                tasks.append(
+                    [
+                        self.group.create_task(self.chunk(reader, start, end, cuts))
+                        for start, end in _plan(f, self.settings.shard_size)
+                    ]
+                )
         return tuple(
-            FileEntry(f.path, f.size, f.header, tuple(t.result() for t in file_tasks))
+            FileEntry(
+                f.path,
+                f.size,
+                f.header,
+                tuple(c for t in file_tasks for c in t.result()),
+            )
             for (f, _), file_tasks in zip(sources, tasks)
         )
 
-    async def chunk(self, reader: _Reader, start: int, end: int) -> Chunk:
+    async def chunk(
+        self, reader: _Reader, start: int, end: int, cuts: Sequence[int]
+    ) -> list[Chunk]:
+        """Read, hash and place ``[start, end)``: one shard, or several when
+        the balance asks for the bytes to be cut and placed again."""
         async with self.gate:
-            data = await asyncio.to_thread(reader.read, start, end)
-            shard_id = await asyncio.to_thread(hash_bytes, data)
-            task = self.uploads.get(shard_id)
-            if task is None:  # identical bytes elsewhere in the model: once
-                task = self.group.create_task(self.place(shard_id, data))
-                self.uploads[shard_id] = task
-            await task
+            data = memoryview(await asyncio.to_thread(reader.read, start, end))
+            pieces = await self._pieces(data, start, cuts)
+            waits = []
+            for shard_id, piece in pieces:
+                task = self.uploads.get(shard_id)
+                if task is None:  # identical bytes elsewhere in the model: once
+                    task = self.group.create_task(self.place(shard_id, piece))
+                    self.uploads[shard_id] = task
+                waits.append(task)
+            await asyncio.gather(*waits)
         if self.progress is not None:
             self.progress(end - start)
-        return Chunk(shard_id, end - start)
+        return [Chunk(shard_id, len(piece)) for shard_id, piece in pieces]
+
+    async def _pieces(
+        self, data: memoryview, offset: int, cuts: Sequence[int]
+    ) -> list[tuple[str, memoryview]]:
+        shard_id = await asyncio.to_thread(hash_bytes, data)
+        balance = self.balance
+        if (
+            balance is None
+            or shard_id in self.uploads
+            or balance.admit(shard_id, len(data))
+        ):
+            return [(shard_id, data)]
+        end = offset + len(data)
+        cut = split_point(offset, end, cuts, balance.min_piece) - offset
+        head = await self._pieces(data[:cut], offset, cuts)
+        return head + await self._pieces(data[cut:], offset + cut, cuts)
 
     async def place(self, shard_id: str, data: bytes) -> None:
         settings = self.settings
@@ -193,7 +234,13 @@ async def publish(
     check_name(name)
     began = time.monotonic()
     kind, sources = await asyncio.to_thread(_open_source, source)
-    uploader = _Uploader(dht, transfer, settings, asynchronous, progress)
+    balance = None
+    if settings.balance is not None:
+        view = await dht.view()
+        balance = Balance(
+            view, settings.replicas, settings.shard_size, settings.balance
+        )
+    uploader = _Uploader(dht, transfer, settings, asynchronous, progress, balance)
     try:
         files = await uploader.run(sources)
     except BaseExceptionGroup as group:
@@ -210,13 +257,16 @@ async def publish(
         shards=len(manifest.shards()),
         seconds=time.monotonic() - began,
         record=record,
+        spread=balance.spread() if balance is not None else 1.0,
     )
     log.info(
-        "published %s v%d: %d bytes in %d shards",
+        "published %s v%d: %d bytes in %d shards (%d split for balance, spread %.3f)",
         name,
         result.version,
         result.bytes,
         result.shards,
+        balance.splits if balance is not None else 0,
+        result.spread,
     )
     return result
 

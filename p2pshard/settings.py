@@ -50,6 +50,10 @@ class Settings:
         0 turns scrubbing off.
     handoff_timeout: seconds a stopping peer spends handing its shards to the
         peers that will own them next.
+    balance: how far (0.03 = 3%) above its expected share of a model's bytes a
+        peer may end up owning before a publish splits a shard to place its
+        bytes again (see p2pshard.balance); ``None`` cuts shards by the tensor
+        layout alone.
     """
 
     replicas: int = 3
@@ -73,6 +77,7 @@ class Settings:
     repair_rate: float = 200 * MIB
     scrub_rate: float = 0.0
     handoff_timeout: float = 30.0
+    balance: float | None = 0.03
 
     def __post_init__(self) -> None:
         if self.replicas < 1:
@@ -82,6 +87,8 @@ class Settings:
             raise ValueError("write_quorum must be between 1 and replicas")
         if not 1 <= self.shard_size <= MAX_SHARD_SIZE:
             raise ValueError(f"shard_size must be 1..{MAX_SHARD_SIZE} bytes")
+        if self.balance is not None and self.balance < 0:
+            raise ValueError("balance must be None or at least 0")
 
     @property
     def quorum(self) -> int:
