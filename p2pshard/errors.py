@@ -26,6 +26,7 @@ __all__ = [
     "NoPeersError",
     "NoTensorMatchError",
     "OutputExistsError",
+    "OutputPathError",
     "OverlapError",
     "P2PShardError",
     "QuorumError",
@@ -341,6 +342,19 @@ class OutputExistsError(P2PShardError, FileExistsError):
 
     def __init__(self, path: str) -> None:
         super().__init__(f"{path} already exists (pass overwrite to replace it)")
+        self.path = path
+
+
+class OutputPathError(P2PShardError, OSError):
+    """A load cannot write where it was told to (not a directory, no permission,
+    disk full...)."""
+
+    def __init__(self, path: str, reason: OSError) -> None:
+        if isinstance(reason, FileExistsError | NotADirectoryError):
+            why = "a parent of it is not a directory"
+        else:
+            why = reason.strerror or str(reason) or type(reason).__name__
+        super().__init__(f"cannot write {path}: {why}")
         self.path = path
 
 

@@ -49,6 +49,8 @@ from .errors import (
     NameNotFoundError,
     NoTensorMatchError,
     OutputExistsError,
+    OutputPathError,
+    P2PShardError,
     ShardUnavailableError,
     first_error,
 )
@@ -356,18 +358,23 @@ class Loader:
         out = Path(out)
         if out.exists() and not overwrite:
             raise OutputExistsError(str(out))
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if patterns:
-            arrays = await self.arrays(manifest, patterns)
-            await asyncio.to_thread(_write_arrays, out, arrays)
-            return out
-        staging = out.parent / f".{out.name}.p2pshard-{secrets.token_hex(4)}"
         try:
-            async with self._bounded():
-                await self._write_files(manifest, staging)
-            await asyncio.to_thread(_swap_into_place, staging, out, manifest.source)
-        finally:
-            await asyncio.to_thread(_remove, staging)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            if patterns:
+                arrays = await self.arrays(manifest, patterns)
+                await asyncio.to_thread(_write_arrays, out, arrays)
+                return out
+            staging = out.parent / f".{out.name}.p2pshard-{secrets.token_hex(4)}"
+            try:
+                async with self._bounded():
+                    await self._write_files(manifest, staging)
+                await asyncio.to_thread(_swap_into_place, staging, out, manifest.source)
+            finally:
+                await asyncio.to_thread(_remove, staging)
+        except OSError as exc:
+            if isinstance(exc, P2PShardError | ConnectionError | TimeoutError):
+                raise  # not about the output path
+            raise OutputPathError(str(out), exc) from exc
         self._finish(len(manifest.tensors()), manifest.total_size)
         return out
 

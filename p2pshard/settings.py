@@ -30,8 +30,9 @@ class Settings:
     min_rate: bytes per second a shard body must average over every
         ``read_timeout`` window; a peer that trickles slower is abandoned.
     request_timeout: seconds for a whole shard request, as a last resort.
-    fetch_concurrency: shard requests a load keeps in flight at once (and the
-        worker threads that receive them).
+    fetch_concurrency: shard requests a load keeps in flight at once, at least:
+        a load raises it to two per serving peer, up to 32
+        (p2pshard.schedule).
     load_deadline: seconds a whole load may take; when it passes, the load
         fails with every shard still missing and the peers tried. ``None``: no
         deadline. With a deadline, a shard whose holders all failed is retried

@@ -45,6 +45,7 @@ from . import wire
 from .dht import Contact
 from .errors import ShardUnavailableError
 from .memory import populate
+from .schedule import MAX_IN_FLIGHT
 from .server import REPLICATE_HEADER
 from .settings import Settings
 from .wire import BadBytes, NotHeld, PeerError, Sink
@@ -309,7 +310,7 @@ class Transfer:
     def _submit(self, request: wire.Request) -> Future[None]:
         if self._workers is None:
             self._workers = ThreadPoolExecutor(
-                max_workers=max(self.settings.fetch_concurrency, 1),
+                max_workers=max(self.settings.fetch_concurrency, MAX_IN_FLIGHT),
                 thread_name_prefix="p2pshard-fetch",
             )
         return self._workers.submit(request.run)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +64,21 @@ class Swarm:
     async def close(self) -> None:
         await asyncio.gather(*(p.stop(handoff=False) for p in self.peers))
         self.peers.clear()
+
+
+async def wait_for(
+    condition: Callable[[], bool | Awaitable[bool]], limit: float
+) -> None:
+    """Poll ``condition`` until it holds, failing after ``limit`` seconds."""
+    deadline = asyncio.get_running_loop().time() + limit
+    while True:
+        value = condition()
+        if not isinstance(value, bool):
+            value = await value
+        if value:
+            return
+        assert asyncio.get_running_loop().time() < deadline, "condition never held"
+        await asyncio.sleep(0.02)  # the polling interval, not a wait for the event
 
 
 @pytest.fixture

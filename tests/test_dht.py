@@ -13,7 +13,7 @@ import os
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,7 @@ from p2pshard.formats.safetensors import write_file
 from p2pshard.hashing import KEY_BYTES, hash_bytes, name_key, shard_key
 from p2pshard.records import NameRecord, RecordError, RecordStore, new_record
 
-from .conftest import FAST, Swarm
+from .conftest import FAST, Swarm, wait_for
 
 
 def settings(**changes: Any) -> Settings:
@@ -77,14 +77,6 @@ def silent_ports(n: int) -> Iterator[list[int]]:
     finally:
         for sock in socks:
             sock.close()
-
-
-async def wait_until(condition: Callable[[], bool], limit: float) -> None:
-    """Poll ``condition`` until it holds; fail after ``limit`` seconds."""
-    deadline = time.monotonic() + limit
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.02)
 
 
 async def timed(work: Awaitable[Any]) -> tuple[Any, float]:
@@ -162,7 +154,7 @@ async def test_dead_contacts_cost_one_timeout_then_nothing(tmp_path: Path) -> No
         # The survivors hold on to the dead until they call them: a refresh
         # lookup fails on each once, a ping fails again, and they are gone.
         await asyncio.gather(*(p.dht.closest(p.node_id, 20) for p in keep))
-        await wait_until(
+        await wait_for(
             lambda: all(p.status()["contacts"] == 1 for p in keep),
             3 * config.rpc_timeout,
         )
@@ -365,7 +357,7 @@ async def test_newcomer_receives_exactly_its_records(tmp_path: Path) -> None:
             return {r.name for r in newcomer.records.all()}
 
         # Greeting the newcomer hands it its records, with no lookup at all.
-        await wait_until(lambda: received() >= due, 10)
+        await wait_for(lambda: received() >= due, 10)
         for peer in swarm.peers:
             await peer.dht.wait_idle()
         assert received() == due

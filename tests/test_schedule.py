@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 from p2pshard.dht import Contact
-from p2pshard.schedule import Dispatch, Duplicate
+from p2pshard.schedule import MAX_IN_FLIGHT, Dispatch, Duplicate
 
 
 def peer(n: int) -> Contact:
@@ -42,8 +44,18 @@ def test_work_spreads_by_bytes_in_flight_and_faults_go_last() -> None:
 
 
 def test_concurrency_bounds_requests_in_flight() -> None:
-    p = plan({f"s{i}": [A, B] for i in range(5)}, concurrency=3)
+    p = plan({f"s{i}": [A] for i in range(5)}, concurrency=3)
     assert [p.next() is not None for _ in range(4)] == [True, True, True, False]
+
+
+def test_concurrency_is_raised_to_two_requests_per_serving_peer() -> None:
+    peers = [peer(10 + i) for i in range(20)]
+    p = plan({f"s{i}": [c] for i, c in enumerate(peers * 3)}, concurrency=3)
+    started = []
+    while (step := p.next()) is not None:
+        started.append(step)
+    assert len(started) == MAX_IN_FLIGHT  # 2 x 20 peers, capped
+    assert max(Counter(c for _, c in started).values()) <= 2
 
 
 def test_only_the_owners_are_asked_first() -> None:
@@ -87,3 +99,43 @@ def test_a_shard_others_could_take_later_is_left_to_them() -> None:
     shards = {"s2": [A, C], "s1": [A, B], **{f"b{i}": [B] for i in range(5)}}
     p = plan(shards, per_peer=1)
     assert p.next() == ("s1", A)
+
+
+def test_equal_peers_finish_within_a_shard_of_the_best_split() -> None:
+    """k=3 of 8 peers, owners within one half of the id space (as XOR gives),
+    halves holding unequal bytes: the plan must split each half's work evenly
+    among its peers, not first come, first served."""
+    import heapq
+    import itertools
+    import random
+
+    rand = random.Random(5)
+    peers = [peer(20 + i) for i in range(8)]
+    holders: dict[str, list[Contact]] = {}
+    for n in range(200):
+        half = 0 if n < 114 else 4  # 57% of the shards in the first half
+        quarter = half + 2 * rand.randrange(2)
+        sibling = (half + 2) if quarter == half else half
+        owners = [
+            peers[quarter],
+            peers[quarter + 1],
+            peers[sibling + rand.randrange(2)],
+        ]
+        rand.shuffle(owners)
+        holders[f"s{n}"] = owners
+    p = plan(holders, concurrency=64, per_peer=1)
+    # Equal peers, one request each at a time, every shard takes one unit.
+    now, busy, served = 0.0, [], {c.address: 0 for c in peers}
+    while p.pending or busy:
+        while (step := p.next()) is not None:
+            heapq.heappush(busy, (now + 1.0, step[0], step[1].address))
+        now, shard_id, address = heapq.heappop(busy)
+        served[address] += 1
+        p.finished(shard_id)
+    best = max(
+        sum(1 for o in holders.values() if {c.address for c in o} <= set(group))
+        / len(group)
+        for r in range(1, 9)
+        for group in itertools.combinations([c.address for c in peers], r)
+    )
+    assert now <= best + 1, (now, best, served)

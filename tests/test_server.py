@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from p2pshard.dht import Contact
 from p2pshard.hashing import hash_bytes
 from p2pshard.transfer import Transfer
 
-from .conftest import FAST
+from .conftest import FAST, wait_for
 
 MIB = 1024 * 1024
 EMPTY_ID = "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262"
@@ -395,18 +395,3 @@ async def test_put_short_body_stores_nothing(peer: Peer) -> None:
         await writer.wait_closed()
     await wait_for(lambda: not tmp_files(peer), 5)
     assert shard_id not in peer.store
-
-
-async def wait_for(
-    condition: Callable[[], bool | Awaitable[bool]], limit: float
-) -> None:
-    """Poll ``condition`` until it holds, failing after ``limit`` seconds."""
-    deadline = asyncio.get_running_loop().time() + limit
-    while True:
-        value = condition()
-        if not isinstance(value, bool):
-            value = await value
-        if value:
-            return
-        assert asyncio.get_running_loop().time() < deadline, "condition never held"
-        await asyncio.sleep(0.02)

@@ -15,6 +15,7 @@ from p2pshard import (
     NoPeersError,
     NoTensorMatchError,
     OutputExistsError,
+    OutputPathError,
     Peer,
 )
 from p2pshard.formats.safetensors import write_file
@@ -206,6 +207,13 @@ async def test_clear_errors(swarm: Swarm, tmp_path: Path) -> None:
         assert out.read_bytes() == b"keep me"
         await client.load_to("acme/x", out, overwrite=True)
         assert out.read_bytes() != b"keep me"
+        # A path under a regular file: a named error saying so, nothing left.
+        for bad in (out / "y.safetensors", out / "sub" / "y.safetensors"):
+            with pytest.raises(OutputPathError, match="not a directory"):
+                await client.load_to("acme/x", bad)
+            with pytest.raises(OutputPathError):
+                await client.load_to("acme/x", bad, tensors=["x"])
+        assert sorted(tmp_path.iterdir()) == sorted([out, tmp_path / "swarm"])
     dead = swarm.peers[0].address
     await swarm.close()
     with pytest.raises(NoPeersError):
