@@ -33,6 +33,7 @@ import aiohttp
 import msgpack
 from aiohttp import hdrs, web, web_fileresponse
 from aiohttp.abc import AbstractStreamWriter
+from aiohttp.http_exceptions import HttpProcessingError
 
 from .errors import (
     HashMismatchError,
@@ -58,7 +59,29 @@ RANGE_PATTERN = re.compile(r"bytes=(\d{0,19})-(\d{0,19})", re.ASCII | re.IGNOREC
 PEER_KEY = web.AppKey("peer", object)
 
 
+class _MalformedRequests(logging.Filter):
+    """aiohttp logs a request it cannot even parse (a 100 kB URL, a broken
+    header) at ERROR with a traceback, after answering 400. That is the remote
+    side's mistake, not this peer's: one WARNING line says it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, HttpProcessingError):
+            what = record.getMessage()
+            detail = str(error.message).splitlines()[0][:200] if error.message else ""
+            record.msg, record.args = "%s (answered %d): %s", (what, error.code, detail)
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.exc_info = record.exc_text = None
+        return True
+
+
+_MALFORMED = _MalformedRequests()
+
+
 def make_app(peer: Peer) -> web.Application:
+    server_log = logging.getLogger("aiohttp.server")
+    if _MALFORMED not in server_log.filters:
+        server_log.addFilter(_MALFORMED)
     app = web.Application(client_max_size=8 * 1024 * 1024)
     app[PEER_KEY] = peer
     app.router.add_get("/v1/shards/{id}", get_shard)  # also answers HEAD

@@ -7,6 +7,7 @@ building its own shards in a standalone peer on 127.0.0.1, port 0.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -395,3 +396,29 @@ async def test_put_short_body_stores_nothing(peer: Peer) -> None:
         await writer.wait_closed()
     await wait_for(lambda: not tmp_files(peer), 5)
     assert shard_id not in peer.store
+
+
+async def test_unparseable_request_is_400_and_one_warning_line(
+    peer: Peer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A request aiohttp cannot parse is answered 400; the peer logs one
+    warning line, no traceback, and goes on serving."""
+    caplog.set_level(logging.WARNING)
+    reader, writer = await asyncio.open_connection(peer.host, peer.port)
+    try:
+        writer.write(b"GET /" + b"a" * 100_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+        await writer.drain()
+        status = await asyncio.wait_for(reader.readline(), 10)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    assert status.split()[1] == b"400"
+    records = [r for r in caplog.records if r.name == "aiohttp.server"]
+    assert records, "the bad request was not logged at all"
+    assert all(r.levelno == logging.WARNING and not r.exc_info for r in records)
+    assert "answered 400" in records[0].getMessage()
+    assert len(records[0].getMessage()) < 400
+    data = os.urandom(100)
+    shard_id = await held(peer, data)
+    async with aiohttp.ClientSession() as http:
+        assert (await get(http, url(peer, shard_id)))[2] == data
