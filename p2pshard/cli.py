@@ -107,6 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds between repair passes (default 60, jittered)",
     )
     p.add_argument(
+        "--liveness-interval",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="seconds between pings of the nearest peers (default 5; 0: off)",
+    )
+    p.add_argument(
         "--scrub-rate",
         type=float,
         default=0.0,
@@ -196,6 +203,9 @@ def _settings(args: argparse.Namespace) -> Settings:
         write_quorum=getattr(args, "quorum", None),
         shard_size=getattr(args, "shard_size", 16) * MIB,
         repair_interval=getattr(args, "repair_interval", defaults.repair_interval),
+        liveness_interval=getattr(
+            args, "liveness_interval", defaults.liveness_interval
+        ),
         scrub_rate=getattr(args, "scrub_rate", defaults.scrub_rate),
         handoff_timeout=getattr(args, "handoff_timeout", defaults.handoff_timeout),
     )

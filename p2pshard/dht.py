@@ -389,10 +389,14 @@ class Dht:
         held = self.router.buckets[self.router.get_bucket_for(node)][node.id]
         return held is not None and held.same_home_as(node)
 
-    async def check_contacts(self) -> int:
-        """Ping every contact in the routing table (twice for those that fail);
-        returns how many were evicted."""
+    async def check_contacts(self, nearest: int | None = None) -> int:
+        """Ping every contact in the routing table, or only the ``nearest`` to
+        this peer's id (the peers it shares shards with); one that fails twice
+        is evicted (and ``on_lost`` told). Returns how many were evicted."""
         contacts = self.contacts()
+        if nearest is not None:
+            me = self._my_id
+            contacts = heapq.nsmallest(nearest, contacts, key=lambda c: c.distance(me))
         before = {c.id for c in contacts}
         await asyncio.gather(*(self.ping(c) for c in contacts))
         probes = [self._probes[c] for c in contacts if c in self._probes]

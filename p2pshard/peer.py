@@ -161,6 +161,8 @@ class Peer:
         self.dht.on_lost = self.repairer.poke
         self.spawn(self.repairer.run())
         self.spawn(self._flush_records_forever())
+        if self.settings.liveness_interval > 0:
+            self.spawn(self._watch_neighbours())
         if self.settings.scrub_rate > 0:
             self.spawn(self.repairer.scrub())
         log.info("peer %s up at %s", self.node_id.hex()[:12], self.address)
@@ -255,6 +257,17 @@ class Peer:
         data = self.records.snapshot()
         if data is not None:
             await asyncio.to_thread(self.records.write, data)
+
+    async def _watch_neighbours(self) -> None:
+        """Ping the nearest peers every ``liveness_interval`` (jittered): a
+        crashed co-owner that nobody calls is evicted within about two RPC
+        timeouts of the next round, which starts a repair pass, instead of
+        waiting for the periodic pass."""
+        nearest = max(8, 4 * self.settings.replicas)
+        while True:
+            interval = self.settings.liveness_interval * random.uniform(0.8, 1.2)
+            await asyncio.sleep(interval)
+            await self.dht.check_contacts(nearest)
 
     async def _flush_records_forever(self) -> None:
         while True:

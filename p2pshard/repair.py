@@ -111,6 +111,11 @@ class Repairer:
 
     # --- scheduling -------------------------------------------------------
 
+    @property
+    def quiet(self) -> bool:
+        """At least one pass done, none running and none asked for."""
+        return self.passes > 0 and not self._wake.is_set() and not self._lock.locked()
+
     def poke(self, _contact: Contact | None = None) -> None:
         """The membership changed: run a pass soon."""
         self._wake.set()

@@ -43,6 +43,9 @@ class Settings:
     per_peer_connections: keep-alive connections a client opens to one peer.
     max_manifest_size: largest manifest accepted from the network.
     repair_interval: seconds between a peer's repair passes (jittered by 20%).
+    liveness_interval: seconds between pings of a peer's nearest neighbours
+        (jittered), so a crashed one is noticed and repaired without waiting for
+        the periodic pass; 0 turns it off.
     repair_delay: seconds a peer waits after a membership change (or its start)
         before a pass, so a burst of changes costs one pass.
     repair_rate: bytes per second a peer may push or pull for repair; loads are
@@ -75,6 +78,7 @@ class Settings:
     max_manifest_size: int = 64 * MIB
     repair_interval: float = 60.0
     repair_delay: float = 1.0
+    liveness_interval: float = 5.0
     repair_rate: float = 200 * MIB
     scrub_rate: float = 0.0
     handoff_timeout: float = 30.0
@@ -88,6 +92,8 @@ class Settings:
             raise ValueError("write_quorum must be between 1 and replicas")
         if not 1 <= self.shard_size <= MAX_SHARD_SIZE:
             raise ValueError(f"shard_size must be 1..{MAX_SHARD_SIZE} bytes")
+        if self.liveness_interval < 0:
+            raise ValueError("liveness_interval must be at least 0")
         if self.balance is not None and self.balance < 0:
             raise ValueError("balance must be None or at least 0")
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 
 from p2pshard import Peer
 from p2pshard.hashing import name_key
 
-from .conftest import Swarm
+from .conftest import FAST, Swarm, wait_for
 from .test_swarm import assert_same, holders_of, model, owners_of
 
 
@@ -190,3 +191,25 @@ async def test_peer_told_of_bad_bytes_rechecks_and_refetches(swarm: Swarm) -> No
     await asyncio.wait_for(liar.repairer.pull_done.wait(), 20)
     assert liar.scrub_failures == 1
     assert await liar.store.check(victim)
+
+
+async def test_crash_nobody_calls_is_found_by_neighbour_pings(tmp_path: Path) -> None:
+    """No load, no lookup and no periodic pass: the crashed owner's neighbours
+    notice it by their own pings, and repair brings every shard back to k."""
+    settings = replace(
+        FAST, repair_interval=3600.0, repair_delay=0.2, liveness_interval=0.3
+    )
+    swarm = Swarm(tmp_path / "swarm", settings)
+    try:
+        await swarm.grow(6)
+        arrays, shard_ids = await publish_model(swarm)
+        await settle(swarm)
+        # Every start-up and join pass is over, so none can find the crash.
+        await wait_for(lambda: all(p.repairer.quiet for p in swarm.peers), 10)
+        victim = max(swarm.peers[2:], key=lambda p: len(p.store))
+        await swarm.stop(victim)  # a crash: no hand-off
+        await wait_for(lambda: placement_ok(swarm.peers, shard_ids), 20)
+        async with swarm.client() as client:
+            assert_same(await client.load("acme/tiny"), arrays)
+    finally:
+        await swarm.close()
