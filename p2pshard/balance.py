@@ -64,7 +64,7 @@ class Balance:
         self.splits = 0
         # With k or fewer peers every peer owns every shard: nothing to even out.
         self.active = len(self.view) > replicas
-        self.share = self._expected_share() if self.active else self.load
+        self.share = self._expected_share() if self.active else np.zeros(len(self.view))
 
     def _expected_share(self) -> np.ndarray:
         """Fraction of keys each peer is among the k closest to (a fixed sample)."""
