@@ -292,9 +292,9 @@ async def cmd_load(args: argparse.Namespace) -> dict[str, Any]:
                 args.name, args.out, args.tensors, args.overwrite, progress
             )
     out: dict[str, Any] = stats.to_json()
-    out["out"] = args.out
+    out["out"] = stats.path
     out["_text"] = (
-        f"loaded {stats.name} v{stats.version} into {args.out}: {stats.tensors} "
+        f"loaded {stats.name} v{stats.version} into {stats.path}: {stats.tensors} "
         f"tensors, {stats.bytes / 1e6:.1f} MB, {stats.shards} shards from "
         f"{stats.peers} peers in {stats.seconds:.2f} s "
         f"({stats.bytes / max(stats.seconds, 1e-9) / 1e6:.0f} MB/s)"

@@ -15,7 +15,6 @@ import logging
 import os
 import socket
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -126,11 +125,14 @@ class Client:
 
         A published directory comes back as a directory, a file or a dict of
         arrays as one safetensors file. With ``tensors``, ``out`` is a
-        safetensors file of the matching tensors only.
+        safetensors file of the matching tensors only. A file whose ``out`` is
+        a directory (or ends with a slash) goes inside it; ``stats.path`` says
+        where it went.
         """
         loader = Loader(self.dht, self.transfer, self.settings, progress)
         _, manifest = await loader.resolve(check_name(name))
-        await loader.to_path(manifest, Path(out), tensors, overwrite)
+        written = await loader.to_path(manifest, out, tensors, overwrite)
+        loader.stats.path = str(written)
         self.last_load = loader.stats
         return loader.stats
 

@@ -88,12 +88,11 @@ class Contact:
 
     @property
     def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return f"http://{self.address}"
 
     @property
     def address(self) -> str:
-        return f"{self.host}:{self.port}"
+        return _host_port(self.host, self.port)
 
     def distance(self, key: bytes) -> int:
         return int.from_bytes(self.id, "big") ^ int.from_bytes(key, "big")
@@ -414,7 +413,7 @@ class Dht:
         if addresses and not self._seeds:
             raise NoPeersError(
                 "no bootstrap peer answered: "
-                + ", ".join(f"{h}:{p}" for h, p in addresses)
+                + ", ".join(_host_port(h, p) for h, p in addresses)
             )
         if self._seeds:
             await self.closest(self.node.id, self.settings.dht_ksize)
@@ -913,3 +912,7 @@ def rank_many(
         else:
             result[key] = [view[i] for i in row]
     return result
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -29,6 +29,7 @@ __all__ = [
     "OutputPathError",
     "OverlapError",
     "P2PShardError",
+    "PeerSetupError",
     "QuorumError",
     "ShapeMismatchError",
     "ShardNotFoundError",
@@ -349,13 +350,20 @@ class OutputPathError(P2PShardError, OSError):
     """A load cannot write where it was told to (not a directory, no permission,
     disk full...)."""
 
-    def __init__(self, path: str, reason: OSError) -> None:
-        if isinstance(reason, FileExistsError | NotADirectoryError):
+    def __init__(self, path: str, reason: OSError | str) -> None:
+        if isinstance(reason, str):
+            why = reason
+        elif isinstance(reason, FileExistsError | NotADirectoryError):
             why = "a parent of it is not a directory"
         else:
             why = reason.strerror or str(reason) or type(reason).__name__
         super().__init__(f"cannot write {path}: {why}")
         self.path = path
+
+
+class PeerSetupError(P2PShardError, OSError):
+    """A peer cannot start: its data directory is unusable or already in use,
+    or it cannot listen on its address."""
 
 
 def first_error(group: BaseExceptionGroup) -> BaseException:

@@ -48,8 +48,9 @@ def check_id(shard_id: object) -> str:
 def check_name(name: object) -> str:
     """Return ``name`` if it is a valid model name, else raise InvalidNameError."""
     if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name) or ".." in name:
+        shown = repr(name) if len(repr(name)) <= 80 else repr(name)[:77] + "..."
         raise InvalidNameError(
-            f"invalid model name {name!r}: use 1-200 characters from "
+            f"invalid model name {shown}: use 1-200 characters from "
             "letters, digits and ._/:@+- starting with a letter or digit"
         )
     return name

@@ -88,6 +88,7 @@ class LoadStats:
     peers: int = 0
     seconds: float = 0.0
     per_peer: dict[str, int] = field(default_factory=dict)
+    path: str = ""  # where a load to a path wrote
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -354,8 +355,11 @@ class Loader:
     ) -> Path:
         """Write the model to ``out``: a directory when a directory was published,
         else a single file. With ``patterns``, a safetensors file of the
-        selected tensors only."""
-        out = Path(out)
+        selected tensors only. A single file whose ``out`` is an existing
+        directory, or ends with a slash, goes inside it under its published
+        name (as ``cp`` does); ``overwrite`` never replaces a directory with a
+        file, nor the current directory or one of its parents."""
+        out = _output_path(out, manifest, bool(patterns))
         if out.exists() and not overwrite:
             raise OutputExistsError(str(out))
         try:
@@ -405,6 +409,27 @@ class Loader:
         finally:
             for fd in fds.values():
                 os.close(fd)
+
+
+def _output_path(out: str | os.PathLike[str], manifest: Manifest, subset: bool) -> Path:
+    """Where ``to_path`` writes, checked before any byte is fetched."""
+    text = os.fspath(out)
+    if not text:
+        raise OutputPathError("''", "the output path is empty")
+    path = Path(text)
+    single = subset or manifest.source != "dir"
+    if single and (path.is_dir() or text.endswith(("/", os.sep))):
+        path = path / Path(manifest.files[0].path).name
+        if path.is_dir():
+            raise OutputPathError(str(path), "it is a directory")
+    elif not single and path.exists() and not path.is_dir():
+        raise OutputPathError(str(path), "a published directory needs a directory")
+    here = Path.cwd().resolve()
+    if path.resolve() == here or path.resolve() in here.parents:
+        raise OutputPathError(
+            str(path), "it is the current directory or one of its parents"
+        )
+    return path
 
 
 class _Run:

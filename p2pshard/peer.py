@@ -8,17 +8,19 @@ so a restarted peer owns the same keys and still holds their shards.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import os
 import random
 import socket
 from collections.abc import Coroutine, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from aiohttp import web
 
 from .dht import Contact, Dht, parse_address
+from .errors import PeerSetupError
 from .hashing import KEY_BYTES
 from .records import RecordStore
 from .repair import Repairer, RepairStats
@@ -73,12 +75,18 @@ class Peer:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._replications: set[asyncio.Task[Any]] = set()
         self._started = False
+        self._lock: TextIO | None = None
 
     # --- identity ---------------------------------------------------------
 
     def _load_node_id(self) -> bytes | None:
         """The node id kept in the data directory, if there is one."""
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise PeerSetupError(
+                f"cannot use data directory {self.data_dir}: {_why(exc)}"
+            ) from exc
         path = self.data_dir / "node_id"
         if path.exists():
             try:
@@ -143,12 +151,21 @@ class Peer:
 
     async def start(self) -> None:
         """Open the store, bind both sockets, then join the swarm."""
-        await asyncio.to_thread(self.store.open)
-        self.records.load()
+        self._lock_data_dir()
+        try:
+            await asyncio.to_thread(self.store.open)
+            self.records.load()
+        except BaseException:
+            self._unlock_data_dir()
+            raise
         await self.transfer.__aenter__()
         try:
             await self._choose_node_id()
-            sock = await self._bind()
+            try:
+                sock = await self._bind()
+            except OSError as exc:
+                where = f"{self.host}:{self.requested_port or 'any port'}"
+                raise PeerSetupError(f"cannot listen on {where}: {_why(exc)}") from exc
             self._runner = web.AppRunner(make_app(self), access_log=None)
             await self._runner.setup()
             await web.SockSite(self._runner, sock).start()
@@ -166,6 +183,32 @@ class Peer:
         if self.settings.scrub_rate > 0:
             self.spawn(self.repairer.scrub())
         log.info("peer %s up at %s", self.node_id.hex()[:12], self.address)
+
+    def _lock_data_dir(self) -> None:
+        """Hold an exclusive lock on the data directory while running: two
+        peers on one directory would share a node id and a store."""
+        path = self.data_dir / "lock"
+        handle = open(path, "a+")  # held, with its lock, until stop
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            handle.close()
+            raise PeerSetupError(
+                f"data directory {self.data_dir} is in use by another peer "
+                f"(pid {holder})"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        self._lock = handle
+
+    def _unlock_data_dir(self) -> None:
+        if self._lock is not None:
+            self._lock.close()  # closing drops the flock
+            self._lock = None
 
     async def _bind(self) -> socket.socket:
         """Bind UDP (DHT) and TCP (HTTP) on one port number."""
@@ -206,6 +249,7 @@ class Peer:
         if self._started:
             log.info("peer %s stopped", self.address)
         self._started = False
+        self._unlock_data_dir()
 
     async def _handoff(self) -> None:
         try:
@@ -336,3 +380,8 @@ def balanced_id(ids: list[bytes]) -> bytes | None:
     prefix = owner & ~((split << 1) - 1) & ((1 << bits) - 1)
     low = int.from_bytes(os.urandom(KEY_BYTES), "big") & (split - 1)
     return (prefix | ((owner & split) ^ split) | low).to_bytes(KEY_BYTES, "big")
+
+
+def _why(exc: OSError) -> str:
+    """An OSError's reason without errno numbers or repeated paths."""
+    return exc.strerror or str(exc) or type(exc).__name__

@@ -21,7 +21,7 @@ import numpy as np
 from .balance import Balance, split_point
 from .chunking import plan_blob, plan_tensors
 from .dht import Dht
-from .errors import ManifestError, NameConflictError, first_error
+from .errors import ManifestError, NameConflictError, NoPeersError, first_error
 from .formats.checkpoint import SourceFile, scan_path
 from .formats.safetensors import SafetensorsHeader, build_header
 from .hashing import check_name, hash_bytes
@@ -234,9 +234,15 @@ async def publish(
     check_name(name)
     began = time.monotonic()
     kind, sources = await asyncio.to_thread(_open_source, source)
+    view = await dht.view()
+    needed = 1 if asynchronous else settings.quorum
+    if len(view) < needed:  # fail before storing anything nothing would name
+        raise NoPeersError(
+            f"the swarm has {len(view)} peers; a write quorum of {needed} needs at "
+            "least that many (lower the quorum or the replicas)"
+        )
     balance = None
     if settings.balance is not None:
-        view = await dht.view()
         balance = Balance(
             view, settings.replicas, settings.shard_size, settings.balance
         )

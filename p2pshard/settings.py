@@ -89,7 +89,10 @@ class Settings:
             raise ValueError("replicas must be at least 1")
         quorum = self.quorum
         if not 1 <= quorum <= self.replicas:
-            raise ValueError("write_quorum must be between 1 and replicas")
+            raise ValueError(
+                f"write quorum must be between 1 and replicas ({self.replicas}), "
+                f"not {quorum}"
+            )
         if not 1 <= self.shard_size <= MAX_SHARD_SIZE:
             raise ValueError(f"shard_size must be 1..{MAX_SHARD_SIZE} bytes")
         if self.liveness_interval < 0:

@@ -283,3 +283,55 @@ async def test_single_file_round_trip_is_byte_identical(
         await client.load_to("acme/file", out)
     assert filecmp.cmp(path, out, shallow=False)
     assert os.listdir(out.parent) == ["copy.safetensors"]
+
+
+async def test_output_paths_follow_cp_and_never_replace_a_directory(
+    swarm: Swarm, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await swarm.grow(3)
+    arrays = {"x": np.arange(6, dtype=np.int32)}
+    async with swarm.client() as client:
+        await client.publish(arrays, "acme/x")
+        # A single file into an existing directory goes inside it, by name.
+        keep = tmp_path / "out"
+        keep.mkdir()
+        (keep / "other.bin").write_bytes(b"mine")
+        for _ in range(2):  # the second time, only with overwrite
+            await client.load_to("acme/x", keep, overwrite=_ > 0)
+        assert (keep / "other.bin").read_bytes() == b"mine"
+        assert (keep / "model.safetensors").is_file()
+        # A trailing slash names a directory to make.
+        await client.load_to("acme/x", f"{tmp_path / 'new'}/")
+        assert (tmp_path / "new" / "model.safetensors").is_file()
+        # Never a directory replaced by the file, never the current directory.
+        (keep / "model.safetensors").unlink()
+        (keep / "model.safetensors").mkdir()
+        with pytest.raises(OutputPathError, match="it is a directory"):
+            await client.load_to("acme/x", keep, overwrite=True)
+        monkeypatch.chdir(keep)
+        with pytest.raises(OutputPathError, match="output path is empty"):
+            await client.load_to("acme/x", "", overwrite=True)
+        published = tmp_path / "tree"
+        published.mkdir()
+        write_file(published / "a.safetensors", arrays)
+        await client.publish(published, "acme/tree")
+        for bad in (".", ".."):
+            with pytest.raises(OutputPathError, match="current directory"):
+                await client.load_to("acme/tree", bad, overwrite=True)
+        with pytest.raises(OutputPathError, match="needs a directory"):
+            await client.load_to(
+                "acme/tree", tmp_path / "new" / "model.safetensors", overwrite=True
+            )
+    assert sorted(p.name for p in keep.iterdir()) == ["model.safetensors", "other.bin"]
+
+
+async def test_publish_needing_more_peers_than_exist_stores_nothing(
+    swarm: Swarm,
+) -> None:
+    await swarm.grow(3)
+    async with swarm.client(replicas=5) as client:
+        with pytest.raises(
+            NoPeersError, match="the swarm has 3 peers; a write quorum of 5"
+        ):
+            await client.publish({"x": np.ones(1000)}, "acme/too-many")
+    assert all(len(p.store) == 0 for p in swarm.peers)
