@@ -188,7 +188,12 @@ class Peer:
         """Hold an exclusive lock on the data directory while running: two
         peers on one directory would share a node id and a store."""
         path = self.data_dir / "lock"
-        handle = open(path, "a+")  # held, with its lock, until stop
+        try:
+            handle = open(path, "a+")  # held, with its lock, until stop
+        except OSError as exc:
+            raise PeerSetupError(
+                f"cannot use data directory {self.data_dir}: {_why(exc)}"
+            ) from exc
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
