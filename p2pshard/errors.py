@@ -342,7 +342,10 @@ class OutputExistsError(P2PShardError, FileExistsError):
     """A load would overwrite an existing path."""
 
     def __init__(self, path: str) -> None:
-        super().__init__(f"{path} already exists (pass overwrite to replace it)")
+        super().__init__(
+            f"{path} already exists (pass --overwrite, or overwrite=True, to "
+            "replace it)"
+        )
         self.path = path
 
 

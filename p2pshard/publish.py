@@ -235,11 +235,12 @@ async def publish(
     began = time.monotonic()
     kind, sources = await asyncio.to_thread(_open_source, source)
     view = await dht.view()
-    needed = 1 if asynchronous else settings.quorum
-    if len(view) < needed:  # fail before storing anything nothing would name
+    # The manifest is written with the full quorum even by an asynchronous
+    # publish: fail before storing shards that no name would point at.
+    if len(view) < settings.quorum:
         raise NoPeersError(
-            f"the swarm has {len(view)} peers; a write quorum of {needed} needs at "
-            "least that many (lower the quorum or the replicas)"
+            f"the swarm has {len(view)} peers; a write quorum of {settings.quorum} "
+            "needs at least that many (lower the quorum or the replicas)"
         )
     balance = None
     if settings.balance is not None:

@@ -330,8 +330,9 @@ async def test_publish_needing_more_peers_than_exist_stores_nothing(
 ) -> None:
     await swarm.grow(3)
     async with swarm.client(replicas=5) as client:
-        with pytest.raises(
-            NoPeersError, match="the swarm has 3 peers; a write quorum of 5"
-        ):
-            await client.publish({"x": np.ones(1000)}, "acme/too-many")
+        for asynchronous in (False, True):  # the manifest needs the quorum too
+            with pytest.raises(NoPeersError, match="has 3 peers; a write quorum of 5"):
+                await client.publish(
+                    {"x": np.ones(1000)}, "acme/too-many", asynchronous=asynchronous
+                )
     assert all(len(p.store) == 0 for p in swarm.peers)
